@@ -1,0 +1,12 @@
+"""autoshard: a compiler-pass auto-sharder for PyTorch.
+
+    sharded = autoshard.autoshard(model, mesh, example_inputs={"input_ids": ids})
+    print(sharded.plan.report())
+"""
+
+from autoshard.api import autoshard, plan
+from autoshard.errors import PlanError
+from autoshard.plan import Plan
+
+__all__ = ["autoshard", "plan", "Plan", "PlanError"]
+__version__ = "0.1.0"

@@ -1,0 +1,35 @@
+"""Command line: `autoshard demo | plan | calibrate` (also `python -m autoshard ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autoshard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="shard a bundled tiny model over CPU gloo ranks and print its plan")
+    demo.add_argument("--world-size", type=int, default=2)
+    demo.add_argument("--config", default="tiny-llama")
+    demo.add_argument("--seq", type=int, default=7, help="sequence length (7 is not divisible by 2: still exact)")
+
+    calibrate = sub.add_parser("calibrate", help="measure this machine's gloo collectives and matmul rate")
+    calibrate.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from autoshard.demo import run_demo
+
+        run_demo(args.world_size, args.config, args.seq)
+        return 0
+    if args.command == "calibrate":
+        from autoshard.cost_models.calibrate import main as calibrate_main
+
+        return calibrate_main(args.rest)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

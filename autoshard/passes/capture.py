@@ -1,0 +1,176 @@
+"""Pass 1 — capture: `torch.export` (non-strict) of a meta skeleton of the model.
+
+The model is never materialised or mutated: parameters and buffers are swapped for `meta` tensors
+in a structural copy, and the example inputs are moved to `meta` too, so planning a 70B model
+costs metadata only. Batch and sequence dims of every tensor input are declared dynamic
+(`Dim.AUTO`: export keeps them symbolic unless the model specialises them, e.g. size 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from autoshard.errors import PlanError
+
+
+@dataclass
+class Captured:
+    """The exported program plus what is needed to call it like the original module."""
+
+    program: ExportedProgram
+    input_names: list[str]            # the forward's arguments that were passed, in signature order
+    tensor_inputs: dict[str, torch.Tensor]  # example tensors (meta) by argument name
+    constant_inputs: dict[str, Any]   # non-tensor arguments, baked into the graph by export
+    param_fqns: dict[str, str]        # placeholder name -> parameter FQN
+    buffer_fqns: dict[str, str]       # placeholder name -> buffer FQN
+    constant_fqns: dict[str, str]     # placeholder name -> lifted constant name
+    user_input_placeholders: list[str]
+    model_name: str = ""
+    tied: dict[str, str] = field(default_factory=dict)  # FQN -> the FQN it shares storage with
+    seq_dim_symbols: set = field(default_factory=set)  # sympy symbols of sequence lengths
+
+
+def normalize_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
+    """Accept `args`, `kwargs` or `(args, kwargs)`; return arguments by name, in signature order."""
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    elif (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], (tuple, list))
+        and isinstance(example_inputs[1], dict)
+    ):
+        args, kwargs = tuple(example_inputs[0]), example_inputs[1]
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    return bind_arguments(inspect.signature(model.forward), type(model).__name__, args, kwargs)
+
+
+def bind_arguments(sig: inspect.Signature, owner: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments by name, in signature order (so positional and keyword calls look the same)."""
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise PlanError(f"inputs do not match {owner}.forward{sig}: {e}") from None
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise PlanError(f"{owner}.forward takes *args; pass inputs by name instead")
+        else:
+            named[name] = value
+    return named
+
+
+def default_example_inputs(model: torch.nn.Module) -> dict[str, Any]:
+    """transformers models get small `input_ids` derived from the config; others must say."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        raise PlanError(
+            f"example_inputs is required for {type(model).__name__} (only transformers models with a "
+            "config.vocab_size get default inputs); pass a tuple of args, a dict of kwargs, or (args, kwargs)"
+        )
+    return {"input_ids": torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))}
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy whose parameters and buffers are `meta` tensors (ties preserved)."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def tied_parameters(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter name that aliases an earlier one (tied embeddings), mapped to that one."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def _hf_defaults(model: torch.nn.Module, named: dict[str, Any]) -> dict[str, Any]:
+    # A KV cache output would carry per-rank shards out of the graph; the sharded module is for
+    # training and prefill, so transformers models are captured without a cache.
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in named:
+        if getattr(model, "config", None) is not None:
+            return {**named, "use_cache": False}
+    return named
+
+
+def capture(model: torch.nn.Module, example_inputs) -> Captured:
+    named = _hf_defaults(model, normalize_inputs(model, example_inputs))
+    tensors = {k: v.to("meta") for k, v in named.items() if isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
+    kwargs = {**{k: tensors[k] if k in tensors else constants[k] for k in named}}
+    dynamic = {k: ({d: Dim.AUTO for d in range(min(v.ndim, 2))} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
+    skeleton = meta_skeleton(model)
+    try:
+        program = torch.export.export(skeleton, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with guidance, original chained
+        raise PlanError(_explain_export_failure(model, e)) from e
+    sig = program.graph_signature
+    user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+    captured = Captured(
+        program=program,
+        input_names=list(named),
+        tensor_inputs=tensors,
+        constant_inputs=constants,
+        param_fqns=dict(sig.inputs_to_parameters),
+        buffer_fqns=dict(sig.inputs_to_buffers),
+        constant_fqns=dict(sig.inputs_to_lifted_tensor_constants),
+        user_input_placeholders=user_inputs,
+        model_name=type(model).__name__,
+        tied=tied_parameters(model),
+    )
+    captured.seq_dim_symbols = _seq_symbols(program, tensors)
+    return captured
+
+
+def _seq_symbols(program: ExportedProgram, tensors: dict[str, torch.Tensor]) -> set:
+    """Symbols of dim 1 of 2-D+ integer inputs (token ids, labels, masks): the sequence length."""
+    symbols = set()
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in tensors:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.ndim >= 2 and not val.dtype.is_floating_point:
+            size = val.shape[1]
+            if isinstance(size, torch.SymInt):
+                symbols |= size.node.expr.free_symbols
+    return symbols
+
+
+def _explain_export_failure(model: torch.nn.Module, err: Exception) -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages/torch" not in f.filename]
+    where = f"\n  at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {first}{where}\n"
+        "autoshard plans from the exported graph, so the forward must be traceable: replace data-dependent "
+        "Python control flow (if/while on tensor values, .item()) with torch.cond / torch.where, or "
+        "mark the branch with torch._check; see https://pytorch.org/docs/stable/export.html"
+    )

@@ -1,0 +1,144 @@
+"""Pass 5 — rewrite: the exported graph becomes a DTensor program with explicit region boundaries.
+
+On a copy of the exported graph:
+- export's `_assert_tensor_metadata` nodes go (DTensor has no rule for them; nothing uses them);
+- factory ops captured on `meta` are retargeted to the mesh's device;
+- each boundary of the plan gets a `Redistribute` node right after its producer;
+- plain tensors made in the graph (masks, rotary tables) are wrapped as `Replicate` DTensors
+  where they meet DTensors;
+- attention becomes a `local_map` region on local heads, and a loss on vocab-sharded logits
+  the vocab-parallel cross-entropy;
+- outputs are gathered to plain tensors unless the plan keeps them sharded.
+Everything between boundaries is DTensor's own propagation on global shapes, which the plan
+simulated: so uneven sequence shards and every view keep their global meaning.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+from autoshard.errors import PlanError
+from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
+from autoshard.passes.capture import Captured
+from autoshard.passes.propagate import PlacementSimulator
+from autoshard.plan import Plan, parse_placement
+from autoshard.runtime import LocalAttention, Redistribute, ToFull, ToReplicate, VocabParallelLoss
+
+aten = torch.ops.aten
+
+
+def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator, mesh: DeviceMesh) -> fx.GraphModule:
+    """The runnable graph: placeholders (params, buffers, constants, user inputs) in export order."""
+    _reject_mutations(captured)
+    sim = simulator.run(plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs))
+    gm = copy.deepcopy(captured.program.graph_module)
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    counter = [0]
+
+    def add_module(mod: torch.nn.Module, prefix: str) -> str:
+        counter[0] += 1
+        name = f"_autoshard_{prefix}_{counter[0]}"
+        gm.add_module(name, mod)
+        return name
+
+    for sub in gm.modules():  # the main graph and higher-order-op bodies (rotary tables)
+        if isinstance(sub, fx.GraphModule):
+            for node in list(sub.graph.nodes):
+                if node.op == "call_function" and node.target in ASSERT_OPS:
+                    sub.graph.erase_node(node)
+            _retarget_devices(sub.graph, torch.device(mesh.device_type))
+            sub.recompile()
+
+    # plain tensors meeting DTensors
+    promoted: dict[str, fx.Node] = {}
+    for name in sorted(sim.mixed, key=lambda n: _order(graph, n)):
+        node = nodes[name]
+        for arg in node.all_input_nodes:
+            if sim.specs.get(arg.name) is None and isinstance(arg.meta.get("val"), torch.Tensor):
+                if arg.name not in promoted:
+                    with graph.inserting_after(arg):
+                        promoted[arg.name] = graph.call_module(add_module(ToReplicate(mesh), "replicate"), (arg,))
+                node.replace_input_with(arg, promoted[arg.name])
+
+    for name, placement in plan.boundary_placements().items():
+        node = nodes.get(name)
+        if node is None:
+            raise PlanError(f"plan boundary {name!r} is not a node of this graph: the plan was made for another model or inputs")
+        users = list(node.users)
+        with graph.inserting_after(node):
+            moved = graph.call_module(add_module(Redistribute(mesh, (placement,)), "redistribute"), (node,))
+        for u in users:
+            u.replace_input_with(node, moved)
+
+    for name, placement in plan.attention.items():
+        node = nodes[name]
+        q, k, v, *rest = node.args
+        mask = rest[0] if rest else node.kwargs.get("attn_mask")
+        kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ != "attn_mask"}
+        for key, val in zip(("dropout_p", "is_causal"), rest[1:]):
+            kwargs[key] = val
+        with graph.inserting_before(node):
+            new = graph.call_module(add_module(LocalAttention(parse_placement(placement), kwargs), "attention"), (q, k, v, mask))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    for name in plan.loss_parallel:
+        node = nodes[name]
+        if node.target is not aten.cross_entropy_loss.default:
+            raise PlanError(f"loss parallel is implemented for cross_entropy_loss, not {node.target}")
+        logits, target, *rest = node.args
+        opts = dict(zip(("weight", "reduction", "ignore_index", "label_smoothing"), rest))
+        opts.update(node.kwargs)
+        with graph.inserting_before(node):
+            new = graph.call_module(add_module(VocabParallelLoss(**opts), "loss_parallel"), (logits, target))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    output = next(n for n in graph.nodes if n.op == "output")
+    for arg in list(output.all_input_nodes):
+        if isinstance(sim.specs.get(arg.name), DTensorSpec) and arg.name not in plan.sharded_outputs:
+            with graph.inserting_before(output):
+                full = graph.call_module(add_module(ToFull(), "to_full"), (arg,))
+            output.replace_input_with(arg, full)
+
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _order(graph: fx.Graph, name: str) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n.name == name:
+            return i
+    return -1
+
+
+def _retarget_devices(graph: fx.Graph, device: torch.device) -> None:
+    """Capture ran on `meta`; factory ops recorded that device. Point them at the mesh's."""
+
+    def fix(a):
+        if isinstance(a, torch.device) and a.type == "meta":
+            return device
+        if isinstance(a, (list, tuple)):
+            return type(a)(fix(x) for x in a)
+        return a
+
+    for node in graph.nodes:
+        node.args = fix(node.args)
+        node.kwargs = {k: fix(v) for k, v in node.kwargs.items()}
+
+
+def _reject_mutations(captured: Captured) -> None:
+    kinds = {s.kind.name for s in captured.program.graph_signature.output_specs}
+    if kinds - {"USER_OUTPUT"}:
+        raise PlanError(
+            f"{captured.model_name}.forward mutates buffers or inputs in place ({sorted(kinds - {'USER_OUTPUT'})}); "
+            "autoshard shards functional forwards only — move state updates out of forward"
+        )

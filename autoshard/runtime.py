@@ -1,0 +1,108 @@
+"""The small modules the rewritten graph calls. Each is one idea and prints as itself in the graph.
+
+They hold no parameters or buffers (the mesh is not state), so they never show up in
+`state_dict()`; autograd of every layout change is DTensor's own (`redistribute`'s backward is the
+Megatron pairing: all-gather <-> reduce-scatter, all-reduce <-> identity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.experimental import local_map
+from torch.distributed.tensor.placement_types import Placement
+
+from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
+
+
+class Redistribute(nn.Module):
+    """An explicit layout change at a region boundary (the only place collectives are planned)."""
+
+    def __init__(self, mesh: DeviceMesh, placements: tuple[Placement, ...]):
+        super().__init__()
+        self.mesh, self.placements = mesh, tuple(placements)
+
+    def forward(self, x):
+        return x.redistribute(self.mesh, self.placements) if isinstance(x, DTensor) else x
+
+    def extra_repr(self) -> str:
+        return ", ".join(map(str, self.placements))
+
+
+class ToReplicate(nn.Module):
+    """A plain tensor made in the graph (mask, rotary table, ids) meeting DTensors: the same value
+    on every rank, so wrapping it as `Replicate` is free and exact."""
+
+    def __init__(self, mesh: DeviceMesh):
+        super().__init__()
+        self.mesh = mesh
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            return DTensor.from_local(x, self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
+        return x
+
+
+class ToFull(nn.Module):
+    """Graph outputs back to plain full tensors for the caller (a replicated one costs nothing)."""
+
+    def forward(self, x):
+        if not isinstance(x, DTensor):
+            return x
+        if all(p.is_replicate() for p in x.placements):
+            return x.to_local()
+        return x.full_tensor()
+
+
+class LocalAttention(nn.Module):
+    """`scaled_dot_product_attention` on each rank's own heads (or batch rows).
+
+    CPU SDPA has no DTensor sharding strategy, and every SDPA kernel is independent per head and
+    per batch row, so the region runs on local shards via `local_map`; its autograd is local too.
+    """
+
+    def __init__(self, placement: Placement, sdpa_kwargs: dict):
+        super().__init__()
+        self.placement, self.sdpa_kwargs = placement, dict(sdpa_kwargs)
+
+    def forward(self, q, k, v, attn_mask=None):
+        if not isinstance(q, DTensor):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kwargs)
+        p = self.placement
+        mask_p = None
+        if isinstance(attn_mask, DTensor):
+            whole = p.is_replicate() or attn_mask.shape[p.dim] == 1
+            mask_p = (Replicate(),) if whole else (p,)
+        fn = local_map(
+            self._local, out_placements=((p,),), in_placements=((p,), (p,), (p,), mask_p),
+            device_mesh=q.device_mesh, redistribute_inputs=True,
+        )
+        return fn(q, k, v, attn_mask)
+
+    def _local(self, q, k, v, attn_mask):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kwargs)
+        # CPU flash attention returns a transposed layout; DTensor derives global strides from the
+        # local ones, and a later `view` then fails. A dense local result keeps them consistent.
+        return out.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"{self.placement}, {self.sdpa_kwargs}"
+
+
+class VocabParallelLoss(nn.Module):
+    """`cross_entropy_loss` on vocab-sharded logits without gathering them (loss parallel)."""
+
+    def __init__(self, weight=None, reduction: int = 1, ignore_index: int = -100, label_smoothing: float = 0.0):
+        super().__init__()
+        self.weight, self.reduction, self.ignore_index, self.label_smoothing = weight, reduction, ignore_index, label_smoothing
+
+    def forward(self, logits, target, *unused):
+        if isinstance(target, DTensor):
+            target = target.full_tensor()
+        return vocab_parallel_cross_entropy(
+            logits, target, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+        )

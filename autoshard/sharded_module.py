@@ -1,0 +1,156 @@
+"""The module `autoshard()` returns: a drop-in for the original.
+
+- Parameters are DTensors registered under their original names (`state_dict()` keys identical,
+  tied weights one Parameter under both names); buffers are the original buffers.
+- `forward` takes the original signature (positional or keyword), returns the original output
+  structure (HF `ModelOutput` included) with plain full tensors, except outputs the plan keeps
+  sharded (vocab-sharded logits when the loss is computed in the graph).
+- A call whose inputs the captured program cannot take (other arguments, a batch or sequence
+  size outside what export proved general) is re-captured and re-planned once and cached; the
+  new plan must place every parameter the same way, or the call is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from autoshard.errors import PlanError
+from autoshard.passes.capture import Captured, bind_arguments
+from autoshard.plan import Plan
+
+
+@dataclass
+class Program:
+    """One captured-and-rewritten graph and how to call it."""
+
+    captured: Captured
+    plan: Plan
+    graph_module: fx.GraphModule
+    call: Callable
+
+
+class ShardedModule(nn.Module):
+    def __init__(self, original: nn.Module, mesh: DeviceMesh, replan: Callable[[dict], tuple[Captured, Plan, fx.GraphModule]]):
+        super().__init__()
+        self._signature = inspect.signature(original.forward)
+        self._original_type = type(original)
+        self.config = getattr(original, "config", None)
+        self.device_mesh = mesh
+        self._replan = replan
+        self._programs: list[Program] = []
+
+    # ---- state -----------------------------------------------------------------------------------
+    def adopt(self, fqn: str, value: torch.Tensor, *, buffer: bool = False, persistent: bool = True) -> None:
+        """Register a parameter or buffer at its original dotted name, creating parents as needed."""
+        *path, leaf = fqn.split(".")
+        mod: nn.Module = self
+        for part in path:
+            if not hasattr(mod, part) or not isinstance(getattr(mod, part), nn.Module):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        if buffer:
+            mod.register_buffer(leaf, value, persistent=persistent)
+        else:
+            mod.register_parameter(leaf, value)
+
+    @property
+    def plan(self) -> Plan:
+        return self._programs[0].plan
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten graph of the first program (print it to see every boundary)."""
+        return self._programs[0].graph_module
+
+    def add_program(self, captured: Captured, plan: Plan, gm: fx.GraphModule) -> None:
+        if self._programs:
+            _check_same_placements(self._programs[0].plan, plan)
+        self._programs.append(Program(captured, plan, gm, self._make_call(captured, gm)))
+
+    def _make_call(self, captured: Captured, gm: fx.GraphModule) -> Callable:
+        sig = captured.program.graph_signature
+        getters = []
+        for spec in sig.input_specs:
+            kind, target = spec.kind.name, spec.target
+            if kind == "PARAMETER":
+                getters.append(("state", target))
+            elif kind == "BUFFER":
+                getters.append(("state", target))
+            elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+                getters.append(("const", captured.program.constants[target]))
+            else:
+                getters.append(("input", None))
+        state_lookup = {}
+
+        def call(flat_inputs: list) -> list:
+            if not state_lookup:
+                state_lookup.update(dict(self.named_parameters(remove_duplicate=False)))
+                state_lookup.update(dict(self.named_buffers(remove_duplicate=False)))
+            it = iter(flat_inputs)
+            values = [state_lookup[t] if k == "state" else t if k == "const" else next(it) for k, t in getters]
+            return gm(*values)
+
+        return call
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        named = bind_arguments(self._signature, self._original_type.__name__, args, kwargs)
+        for program in self._programs:
+            flat = _accepts(program.captured, named)
+            if flat is not None:
+                return self._run(program, flat)
+        captured, plan, gm = self._replan(named)
+        self.add_program(captured, plan, gm)
+        flat = _accepts(captured, named)
+        if flat is None:
+            raise PlanError("re-captured program does not accept the inputs it was captured with")
+        return self._run(self._programs[-1], flat)
+
+    def _run(self, program: Program, flat: list):
+        outputs = program.call(flat)
+        return pytree.tree_unflatten(list(outputs), program.captured.program.call_spec.out_spec)
+
+    def extra_repr(self) -> str:
+        return f"{self._original_type.__name__} sharded over {self.device_mesh}"
+
+
+def _accepts(captured: Captured, named: dict) -> list | None:
+    """The flat user inputs for this program, or None if it cannot take these arguments."""
+    named = {**named}
+    for k, v in captured.constant_inputs.items():
+        if k not in named:
+            named[k] = v  # defaults autoshard added at capture (use_cache=False)
+    if set(named) != set(captured.input_names) or any(named[k] != v for k, v in captured.constant_inputs.items() if not isinstance(v, torch.Tensor)):
+        return None
+    ordered = {k: named[k] for k in captured.input_names}
+    flat, spec = pytree.tree_flatten(((), ordered))
+    if spec != captured.program.call_spec.in_spec:
+        return None
+    placeholders = [n for n in captured.program.graph.nodes if n.op == "placeholder" and n.name in captured.user_input_placeholders]
+    try:
+        from torch._export.utils import _check_input_constraints_for_graph
+
+        paths = pytree.tree_flatten_with_path(((), ordered))[0]
+        _check_input_constraints_for_graph(placeholders, paths, captured.program.range_constraints)
+    except Exception:  # noqa: BLE001 - any violated guard means: capture again for these shapes
+        return None
+    return [v.full_tensor() if isinstance(v, DTensor) else v for v in flat]
+
+
+def _check_same_placements(first: Plan, new: Plan) -> None:
+    diff = [f for f, p in new.params.items() if f in first.params and first.params[f].placement != p.placement]
+    if diff:
+        f = diff[0]
+        raise PlanError(
+            f"re-planning for new inputs would move parameter {f} from {first.params[f].placement} to "
+            f"{new.params[f].placement}; parameters are already distributed. Call autoshard() with "
+            "example_inputs shaped like this call."
+        )
