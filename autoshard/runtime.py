@@ -92,6 +92,28 @@ class LocalAttention(nn.Module):
         return f"{self.placement}, {self.sdpa_kwargs}"
 
 
+class LocalMatmul(nn.Module):
+    """A batched matmul (attention scores written by hand) on local batch/head shards.
+
+    DTensor would fold the batch dims into one for `bmm` and gather a sharded inner dim; each
+    batch index is independent, so the product runs per shard via `local_map`.
+    """
+
+    def __init__(self, placement: Placement):
+        super().__init__()
+        self.placement = placement
+
+    def forward(self, a, b):
+        if not (isinstance(a, DTensor) or isinstance(b, DTensor)):
+            return torch.matmul(a, b)
+        mesh = (a if isinstance(a, DTensor) else b).device_mesh
+        p = (self.placement,)
+        return local_map(torch.matmul, out_placements=(p,), in_placements=(p, p), device_mesh=mesh, redistribute_inputs=True)(a, b)
+
+    def extra_repr(self) -> str:
+        return str(self.placement)
+
+
 class VocabParallelLoss(nn.Module):
     """`cross_entropy_loss` on vocab-sharded logits without gathering them (loss parallel)."""
 

@@ -166,6 +166,8 @@ class PlacementSimulator:
             return self._linear(node, sim, operands)
         if node.target in ATTENTION_OPS:
             return self._attention(node, sim, operands)
+        if node.target is aten.matmul.default and self._batch_sharded_matmul(node, operands):
+            return self._matmul(node, sim, operands)
         if node.target is aten.cross_entropy_loss.default:
             return self._cross_entropy(node, sim, operands)
         return self._propagate(node, sim, operands)
@@ -294,6 +296,29 @@ class PlacementSimulator:
                 want = REPLICATE  # a mask broadcast over heads/batch stays whole
             if spec.placements != (want,):
                 self._move(sim, spec, (want,), names[i] or node.name, node.name, planned=False)
+        return self._spec(node.meta["val"], target)
+
+    def _batch_sharded_matmul(self, node, operands) -> bool:
+        """A batched matmul (both operands >= 3-D, same rank) with a batch dim sharded."""
+        a, b = (operands.get(x.name) if isinstance(x, fx.Node) else None for x in node.args[:2])
+        if not (isinstance(a, DTensorSpec) and isinstance(b, DTensorSpec)):
+            return False
+        nd = len(a.tensor_meta.shape)
+        if nd < 3 or len(b.tensor_meta.shape) != nd:
+            return False
+        return any(p.is_shard() and p.dim % nd < nd - 2 for p in (a.placements[0], b.placements[0]))
+
+    def _matmul(self, node, sim, operands):
+        """Each batch index of a batched matmul is independent, so it runs on local batch shards
+        (runtime: `LocalMatmul`); DTensor would fold the batch dims into one and gather them."""
+        args, _ = self._args(node, operands)
+        nd = len(args[0].tensor_meta.shape)
+        target = next(p for p in (args[0].placements[0], args[1].placements[0]) if p.is_shard() and p.dim % nd < nd - 2)
+        target = Shard(target.dim % nd)
+        names = _flatten_names(node.args)
+        for i, spec in enumerate(args[:2]):
+            if spec.placements != (target,):
+                self._move(sim, spec, (target,), names[i] or node.name, node.name, planned=False)
         return self._spec(node.meta["val"], target)
 
     def _cross_entropy(self, node, sim, operands):

@@ -27,7 +27,7 @@ from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.passes.capture import Captured
 from autoshard.passes.propagate import PlacementSimulator
 from autoshard.plan import Plan, parse_placement
-from autoshard.runtime import LocalAttention, Redistribute, ToFull, ToReplicate, VocabParallelLoss
+from autoshard.runtime import LocalAttention, LocalMatmul, Redistribute, ToFull, ToReplicate, VocabParallelLoss
 
 aten = torch.ops.aten
 
@@ -87,6 +87,15 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
             new = graph.call_module(add_module(LocalAttention(parse_placement(placement), kwargs), "attention"), (q, k, v, mask))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+
+    for node in list(graph.nodes):  # batched matmuls the simulation runs on batch/head shards
+        if node.op == "call_function" and node.target is aten.matmul.default:
+            spec = sim.specs.get(node.name)
+            if isinstance(spec, DTensorSpec) and spec.placements[0].is_shard():
+                with graph.inserting_before(node):
+                    new = graph.call_module(add_module(LocalMatmul(spec.placements[0]), "matmul"), tuple(node.args[:2]))
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
 
     for name in plan.loss_parallel:
         node = nodes[name]
