@@ -26,10 +26,26 @@ class Redistribute(nn.Module):
         self.mesh, self.placements = mesh, tuple(placements)
 
     def forward(self, x):
-        return x.redistribute(self.mesh, self.placements) if isinstance(x, DTensor) else x
+        if not isinstance(x, DTensor):
+            return x
+        if tuple(x.placements) == self.placements and all(p.is_replicate() for p in self.placements):
+            return _reduce_grad_here(x)
+        return x.redistribute(self.mesh, self.placements)
 
     def extra_repr(self) -> str:
         return ", ".join(map(str, self.placements))
+
+
+def _reduce_grad_here(x: DTensor) -> DTensor:
+    """Megatron's `f`: identity forward, all-reduce of the gradient in backward.
+
+    A replicated activation entering column linears gets a `Partial` gradient back. DTensor would
+    carry it, unreduced, up the residual stream until something forces a reduction — and it cannot
+    hand a `Partial` gradient to the vocab-parallel embedding's masked partial at all. Reducing
+    it here, once per region, is what plain tensor parallelism does.
+    """
+    local = x.to_local(grad_placements=x.placements)
+    return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False)
 
 
 class ToReplicate(nn.Module):

@@ -136,3 +136,19 @@ def test_optimizer_steps_match_unsharded(ranks2, kind):
     # Adam's first step is ~lr*sign(g): fp rounding in tiny gradients may move an element by up to
     # lr, so it is checked at a realistic lr; SGD with momentum is linear in the gradients.
     assert max(ranks2.run(_optimizer_step, kind)) < ATOL
+
+
+def _plain_tp():
+    model = tiny_model("tiny-llama")
+    kw = inputs(model.config.vocab_size, 2, 7, labels=True)
+    sharded, ref = shard_and_copy(model, example_inputs=kw, sequence_parallel=False)
+    counts, _ = comm_counts(lambda: sharded(**kw))
+    return counts, run_and_compare(sharded, ref, kw), sharded.plan.stream, model.config.num_hidden_layers
+
+
+def test_plain_tensor_parallel_two_all_reduces_per_layer(ranks2):
+    counts, result, stream, layers = ranks2.run(_plain_tp)[0]
+    _check_numerics([result])
+    assert stream == "replicated"
+    # 2 per layer (the row linears), 1 for the vocab-parallel embedding, 2 inside the loss
+    assert counts == {"all_reduce": 2 * layers + 1 + 2}

@@ -129,7 +129,12 @@ class PlacementSimulator:
         """Simulate one node into `sim` (its operands must already be there, or be outside `nodes`)."""
         spec = self._node_spec(node, sim, param_placements, nodes, assumed or {}, sharded_outputs)
         if boundaries and node.name in boundaries and isinstance(spec, DTensorSpec):
-            spec = self._move(sim, spec, (boundaries[node.name],), node.name, node.name, planned=True)
+            target = (boundaries[node.name],)
+            if spec.placements == target:
+                # an explicit boundary that keeps the layout still matters: its backward reduces
+                # the gradient there (Megatron's `f`), so the plan and rewrite must carry it
+                sim.redistributions.append(Redistribution(node.name, node.name, _fmt(target), _fmt(target), None, nbytes(spec.tensor_meta), planned=True))
+            spec = self._move(sim, spec, target, node.name, node.name, planned=True)
         sim.specs[node.name] = spec
         return spec
 
