@@ -117,3 +117,17 @@ def test_to_parallelize_plan_gives_same_numerics(ranks2, name):
     logits_diff, grad_diff, missing, styles = ranks2.run(_exported_parallelize_plan, name)[0]
     assert logits_diff < ATOL and grad_diff < ATOL and not missing
     assert {"ColwiseParallel", "RowwiseParallel", "SequenceParallel"} <= set(styles)
+
+
+def _hf_default_inputs():
+    import autoshard
+
+    model = tiny_model("tiny-mistral")
+    sharded = autoshard.autoshard(model, tp_mesh())  # input_ids derived from the config
+    ids = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
+    return (full(sharded(input_ids=ids).logits) - model(input_ids=ids).logits).abs().max().item()
+
+
+def test_transformers_models_need_no_example_inputs(ranks2):
+    # also called with another batch and sequence length than the derived example
+    assert max(ranks2.run(_hf_default_inputs)) < ATOL
