@@ -15,6 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--config", default="tiny-llama")
     demo.add_argument("--seq", type=int, default=7, help="sequence length (7 is not divisible by 2: still exact)")
 
+    plan = sub.add_parser(
+        "plan",
+        help="plan a real-scale model for a GPU mesh on this machine (meta tensors, fake process group)",
+        description="Plan a model from a transformers config for a mesh of GPUs, with no GPU: the model is built "
+        "on meta, a fake process group stands in for the cluster, identical layers are planned once.",
+    )
+    from autoshard.cli_plan import add_arguments
+
+    add_arguments(plan)
+
     calibrate = sub.add_parser("calibrate", help="measure this machine's gloo collectives and matmul rate")
     calibrate.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -24,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args.world_size, args.config, args.seq)
         return 0
+    if args.command == "plan":
+        from autoshard.cli_plan import run
+
+        return run(args)
     if args.command == "calibrate":
         from autoshard.cost_models.calibrate import main as calibrate_main
 

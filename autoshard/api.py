@@ -7,10 +7,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from autoshard.distribute import distribute_parameters
+from autoshard.diagnose import refuse_fallbacks
 from autoshard.errors import PlanError
+from autoshard.fsdp import cast_parameters, data_parallel, resolve_fsdp
 from autoshard.mesh import mesh_info, tensor_parallel_mesh
 from autoshard.passes.analyse import analyse
-from autoshard.passes.capture import Captured, capture, meta_skeleton
+from autoshard.passes.capture import Captured, capture, isolated_from_caller, meta_skeleton
 from autoshard.passes.choose import choose
 from autoshard.passes.label import label
 from autoshard.passes.propagate import PlacementSimulator
@@ -20,9 +22,20 @@ from autoshard.sharded_module import ShardedModule
 from autoshard.validate import agree_across_ranks, check_plan_matches
 
 
-def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None) -> Plan:
-    """Plan only: nothing is materialised, rewritten or communicated (works on `meta` models)."""
-    return _plan(capture(model, example_inputs), mesh, sequence_parallel)[1]
+def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None, strict: bool = False,
+         hardware=None, memory_budget=None) -> Plan:
+    """Plan only: nothing is materialised, rewritten or communicated (works on `meta` models).
+
+    `hardware`: the profile the cost model prices with — a name ("h100-sxm", "a100-sxm",
+    "pcie-gpu", "cpu-gloo"), a JSON file from `autoshard calibrate`, or a HardwareProfile (default:
+    cpu-gloo on CPU meshes, h100-sxm otherwise). `memory_budget`: per-rank bytes, "24GiB",
+    "device" or "none" (default: the smallest memory a legal plan reaches, the fastest there).
+    """
+    captured = capture(model, example_inputs)
+    chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget)[1]
+    if strict:
+        refuse_fallbacks(chosen, model, captured, sequence_parallel)
+    return chosen
 
 
 def autoshard(
@@ -32,18 +45,29 @@ def autoshard(
     *,
     sequence_parallel: bool | None = None,
     plan: Plan | None = None,
+    fsdp: bool | dict | None = None,
+    strict: bool = False,
+    hardware=None,
+    memory_budget=None,
 ) -> ShardedModule:
     """Shard `model` over `mesh` and return a drop-in module; `model` itself is left untouched.
 
     `example_inputs`: positional args (tuple), keyword args (dict) or `(args, kwargs)`; optional
     for transformers models. `plan`: a `Plan` (e.g. `Plan.from_json`) to apply instead of planning.
+    `strict`: raise PlanError (naming the config attribute and the tp values that would work)
+    instead of falling back to replicating a region this tp cannot shard.
+    `hardware`, `memory_budget`: what the cost model prices with and the per-rank limit (see `plan`).
+    `fsdp`: on a mesh with dims besides "tp" (e.g. `("dp", "tp")`) FSDP2 shards over them, per
+    decoder layer and root (`autoshard.fsdp.data_parallel`); a dict passes its options
+    (`mp_policy`, `reshard_after_forward`); False leaves data parallelism to the caller.
     """
     tp_mesh = tensor_parallel_mesh(mesh)
-    skeleton = meta_skeleton(model)
+    fsdp_options = resolve_fsdp(mesh, fsdp)
+    skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
     def build(inputs, fixed: Plan | None):
         captured = capture(skeleton, inputs)                        # 1. torch.export on meta
-        simulator, chosen = _plan(captured, mesh, sequence_parallel)  # 2-4. analyse, label, choose
+        simulator, chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget)  # 2-4. analyse, label, choose
         if fixed is not None:
             check_plan_matches(fixed, chosen)
             chosen = fixed
@@ -52,17 +76,28 @@ def autoshard(
 
     captured, chosen, graph = build(example_inputs, plan)
     agree_across_ranks(chosen, tp_mesh)
+    if strict:
+        refuse_fallbacks(chosen, model, captured, sequence_parallel)
     sharded = ShardedModule(model, mesh, replan=lambda named: build(named, None))
     distribute_parameters(model, sharded, chosen, captured, tp_mesh)
     sharded.add_program(captured, chosen, graph)
+    if fsdp_options is not None:
+        data_parallel(sharded, **fsdp_options)                       # 6. FSDP2 over dp
     return sharded
 
 
-def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel):
+def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware=None, memory_budget=None):
+    # Planning simulates placements on fake tensors: a plan depends on the model and mesh only,
+    # not on a CommDebugMode or FlopCounterMode the caller has active.
+    with isolated_from_caller():
+        return _plan_passes(captured, mesh, sequence_parallel, hardware, memory_budget)
+
+
+def _plan_passes(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware, memory_budget):
     analysis = analyse(captured)
     simulator = PlacementSimulator(analysis, tensor_parallel_mesh(mesh))
     labels = label(analysis, simulator)
-    return simulator, choose(labels, simulator, mesh_info(mesh), sequence_parallel)
+    return simulator, choose(labels, simulator, mesh_info(mesh), sequence_parallel, hardware=hardware, memory_budget=memory_budget)
 
 
 __all__ = ["autoshard", "plan", "Plan", "PlanError"]

@@ -5,9 +5,13 @@
 - `forward` takes the original signature (positional or keyword), returns the original output
   structure (HF `ModelOutput` included) with plain full tensors, except outputs the plan keeps
   sharded (vocab-sharded logits when the loss is computed in the graph).
-- A call whose inputs the captured program cannot take (other arguments, a batch or sequence
-  size outside what export proved general) is re-captured and re-planned once and cached; the
-  new plan must place every parameter the same way, or the call is refused.
+- A call whose inputs the captured program cannot take is re-captured and re-planned once and
+  cached; the new plan must place every parameter the same way, or the call is refused. "Cannot
+  take" is decided strictly, because a program run outside what export proved is silently wrong:
+  other arguments or non-tensor values, another tensor dtype or rank, a size outside export's
+  range constraints — including sizes 0 and 1, which export lets through although it traced
+  assuming >= 2 (a `if x.shape[0] == 1` branch was decided for the example) — or another
+  train/eval mode (dropout is baked into the graph). Ranks check that the new plan agrees.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from autoshard.errors import PlanError
-from autoshard.passes.capture import Captured, bind_arguments
+from autoshard.passes.capture import Captured, bind_arguments, capture_mode
 from autoshard.plan import Plan
 
 
@@ -42,6 +46,7 @@ class ShardedModule(nn.Module):
         super().__init__()
         self._signature = inspect.signature(original.forward)
         self._original_type = type(original)
+        self.training = original.training  # the mode the first program was captured in
         self.config = getattr(original, "config", None)
         self.device_mesh = mesh
         self._replan = replan
@@ -104,12 +109,14 @@ class ShardedModule(nn.Module):
     def forward(self, *args, **kwargs):
         named = bind_arguments(self._signature, self._original_type.__name__, args, kwargs)
         for program in self._programs:
-            flat = _accepts(program.captured, named)
+            flat = _accepts(program.captured, named, self.training)
             if flat is not None:
                 return self._run(program, flat)
-        captured, plan, gm = self._replan(named)
+        with capture_mode(self.training):
+            captured, plan, gm = self._replan(named)
+        _agree(plan, self.device_mesh)
         self.add_program(captured, plan, gm)
-        flat = _accepts(captured, named)
+        flat = _accepts(captured, named, self.training)
         if flat is None:
             raise PlanError("re-captured program does not accept the inputs it was captured with")
         return self._run(self._programs[-1], flat)
@@ -122,8 +129,10 @@ class ShardedModule(nn.Module):
         return f"{self._original_type.__name__} sharded over {self.device_mesh}"
 
 
-def _accepts(captured: Captured, named: dict) -> list | None:
+def _accepts(captured: Captured, named: dict, training: bool | None = None) -> list | None:
     """The flat user inputs for this program, or None if it cannot take these arguments."""
+    if training is not None and captured.training != training:
+        return None
     named = {**named}
     for k, v in captured.constant_inputs.items():
         if k not in named:
@@ -142,7 +151,49 @@ def _accepts(captured: Captured, named: dict) -> list | None:
         _check_input_constraints_for_graph(placeholders, paths, captured.program.range_constraints)
     except Exception:  # noqa: BLE001 - any violated guard means: capture again for these shapes
         return None
+    if not _same_dtypes(placeholders, flat) or not _within_ranges(placeholders, flat, captured.program.range_constraints):
+        return None
     return [v.full_tensor() if isinstance(v, DTensor) else v for v in flat]
+
+
+def _same_dtypes(placeholders: list[fx.Node], flat: list) -> bool:
+    """Export's dtype asserts are erased from the rewritten graph; a mask passed as bool instead of
+    int64 (or a bf16 `inputs_embeds` into an fp32 capture) takes another path: capture again."""
+    for node, arg in zip(placeholders, flat):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(arg, torch.Tensor) and val.dtype != arg.dtype:
+            return False
+    return True
+
+
+def _within_ranges(placeholders: list[fx.Node], flat: list, ranges: dict) -> bool:
+    """Every symbolic size inside export's range, lower bound included.
+
+    `torch.export` deliberately lets sizes 0 and 1 through its own check although it traced
+    assuming >= 2: a branch on `size == 1` (or a broadcast) was decided for the example, so a
+    batch of 1 could run the wrong code. Such a call is captured again instead.
+    """
+    import sympy
+    from torch._export.passes.add_runtime_assertions_for_constraints_pass import _convert_range_to_int
+
+    for node, arg in zip(placeholders, flat):
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and isinstance(arg, torch.Tensor)):
+            continue
+        for size, actual in zip(val.shape, arg.shape):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol) and size.node.expr in ranges:
+                low, high = _convert_range_to_int(ranges[size.node.expr])
+                if not low <= int(actual) <= high:
+                    return False
+    return True
+
+
+def _agree(plan: Plan, mesh: DeviceMesh) -> None:
+    """A re-plan happens on every rank for the same call: check the ranks still agree."""
+    from autoshard.mesh import tensor_parallel_mesh
+    from autoshard.validate import agree_across_ranks
+
+    agree_across_ranks(plan, tensor_parallel_mesh(mesh))
 
 
 def _check_same_placements(first: Plan, new: Plan) -> None:

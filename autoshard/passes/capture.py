@@ -8,13 +8,17 @@ costs metadata only. Batch and sequence dims of every tensor input are declared 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.utils._python_dispatch import _disable_current_modes
 
 from autoshard.errors import PlanError
 
@@ -34,21 +38,22 @@ class Captured:
     model_name: str = ""
     tied: dict[str, str] = field(default_factory=dict)  # FQN -> the FQN it shares storage with
     seq_dim_symbols: set = field(default_factory=set)  # sympy symbols of sequence lengths
+    training: bool = True             # the module mode export saw (dropout etc. are baked in)
 
 
 def normalize_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
     """Accept `args`, `kwargs` or `(args, kwargs)`; return arguments by name, in signature order."""
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
+    if isinstance(example_inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding (a UserDict)
+        args, kwargs = (), dict(example_inputs)
     elif (
         isinstance(example_inputs, tuple)
         and len(example_inputs) == 2
         and isinstance(example_inputs[0], (tuple, list))
-        and isinstance(example_inputs[1], dict)
+        and isinstance(example_inputs[1], Mapping)
     ):
-        args, kwargs = tuple(example_inputs[0]), example_inputs[1]
+        args, kwargs = tuple(example_inputs[0]), dict(example_inputs[1])
     elif isinstance(example_inputs, (tuple, list)):
         args, kwargs = tuple(example_inputs), {}
     else:
@@ -119,6 +124,39 @@ def _hf_defaults(model: torch.nn.Module, named: dict[str, Any]) -> dict[str, Any
     return named
 
 
+_TRAINING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("autoshard_capture_training", default=None)
+
+
+@contextlib.contextmanager
+def capture_mode(training: bool):
+    """Capture in train or eval mode whatever the model's own flag (export bakes the mode in:
+    dropout, batch-norm statistics); the sharded module re-captures when its mode changes."""
+    token = _TRAINING.set(training)
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
+@contextlib.contextmanager
+def isolated_from_caller():
+    """Trace and plan the model alone. A caller's dispatch mode (CommDebugMode, FlopCounterMode)
+    and the global module hooks such tools install (CommDebugMode's module tracker) would be
+    traced into the program and change its graph — and with it the plan."""
+    from torch.nn.modules import module as nn_module
+
+    names = [n for n in dir(nn_module) if n.startswith("_global_") and n.endswith("hooks")]
+    saved = {n: getattr(nn_module, n) for n in names}
+    try:
+        for n, hooks in saved.items():
+            setattr(nn_module, n, type(hooks)())
+        with _disable_current_modes():
+            yield
+    finally:
+        for n, hooks in saved.items():
+            setattr(nn_module, n, hooks)
+
+
 def capture(model: torch.nn.Module, example_inputs) -> Captured:
     named = _hf_defaults(model, normalize_inputs(model, example_inputs))
     tensors = {k: v.to("meta") for k, v in named.items() if isinstance(v, torch.Tensor)}
@@ -126,8 +164,11 @@ def capture(model: torch.nn.Module, example_inputs) -> Captured:
     kwargs = {**{k: tensors[k] if k in tensors else constants[k] for k in named}}
     dynamic = {k: ({d: Dim.AUTO for d in range(min(v.ndim, 2))} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
     skeleton = meta_skeleton(model)
+    if _TRAINING.get() is not None:
+        skeleton.train(_TRAINING.get())
     try:
-        program = torch.export.export(skeleton, (), kwargs, dynamic_shapes=dynamic, strict=False)
+        with isolated_from_caller():
+            program = torch.export.export(skeleton, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with guidance, original chained
         raise PlanError(_explain_export_failure(model, e)) from e
     sig = program.graph_signature
@@ -143,6 +184,7 @@ def capture(model: torch.nn.Module, example_inputs) -> Captured:
         user_input_placeholders=user_inputs,
         model_name=type(model).__name__,
         tied=tied_parameters(model),
+        training=skeleton.training,
     )
     captured.seq_dim_symbols = _seq_symbols(program, tensors)
     return captured
@@ -163,10 +205,9 @@ def _seq_symbols(program: ExportedProgram, tensors: dict[str, torch.Tensor]) -> 
 
 
 def _explain_export_failure(model: torch.nn.Module, err: Exception) -> str:
-    import traceback
-
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages/torch" not in f.filename]
-    where = f"\n  at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    """The export error, the model's source line that raised it, and what to do about it."""
+    frame = _user_frame(err)
+    where = f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}" if frame else ""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (
         f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {first}{where}\n"
@@ -174,3 +215,19 @@ def _explain_export_failure(model: torch.nn.Module, err: Exception) -> str:
         "Python control flow (if/while on tensor values, .item()) with torch.cond / torch.where, or "
         "mark the branch with torch._check; see https://pytorch.org/docs/stable/export.html"
     )
+
+
+def _user_frame(err: BaseException):
+    """The deepest traceback frame in the model's code: not torch, autoshard or the standard library."""
+    import os
+    import sysconfig
+    import traceback
+
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), sysconfig.get_paths()["stdlib"]]
+    frames = []
+    while err is not None:  # chained errors: export re-raises its own, the model's frame is below
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if not any(f.filename.startswith(p + os.sep) for p in skip)] or frames
+        if frames:
+            break
+        err = err.__cause__ or err.__context__
+    return frames[-1] if frames else None

@@ -1,0 +1,141 @@
+"""Find a model's stack of identical layers, and build a copy that keeps only the first few.
+
+A decoder is a prefix (embedding, rotary tables, mask), `N` decoder layers that differ only in
+their index, and a suffix (final norm, LM head, loss). Planning one of those layers plans them
+all, so `truncated(model, stack, k)` gives a model with `k` layers (sharing the original's
+modules, never copying or mutating a parameter) whose capture costs `k` layers instead of `N`.
+
+"Identical" is checked, not assumed: every layer must have the same module tree, the same
+parameter/buffer names, shapes and dtypes, and the same plain attributes (e.g. an
+`attention_type` of "sliding_attention" on some layers makes them different); config lists with
+one entry per layer (`layer_types`) must hold one value.
+
+    stack = find_layer_stack(model)        # LayerStack(path="model.layers", count=80, ...)
+    small = truncated(model, stack, 3)     # same model, 3 layers, config.num_hidden_layers == 3
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+# attributes that name a layer's position, not its computation (used for KV-cache indexing)
+_INDEX_ATTRS = {"layer_idx", "layer_id", "layer_index", "layer_number", "idx"}
+_PLAIN = (int, float, bool, str, type(None))
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """`count` structurally identical modules in the `nn.ModuleList` at `path`."""
+
+    path: str
+    count: int
+    params_per_layer: int
+
+
+def layer_signature(layer: nn.Module) -> tuple:
+    """Everything about a layer that can change the graph it traces, except its index."""
+    sig = []
+    for name, mod in layer.named_modules():
+        attrs = tuple(
+            sorted(
+                (k, _plain(v))
+                for k, v in vars(mod).items()
+                if not k.startswith("_") and k not in _INDEX_ATTRS and _plain(v) is not _SKIP
+            )
+        )
+        hooks = (len(mod._forward_hooks), len(mod._forward_pre_hooks))
+        sig.append((name, type(mod).__qualname__, attrs, hooks))
+    for name, p in layer.named_parameters(recurse=True):
+        sig.append((name, tuple(p.shape), str(p.dtype), p.requires_grad))
+    for name, b in layer.named_buffers(recurse=True):
+        sig.append((name, tuple(b.shape), str(b.dtype)))
+    return tuple(sig)
+
+
+_SKIP = object()
+
+
+def _plain(v):
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v):
+        return tuple(v)
+    return _SKIP
+
+
+def find_layer_stack(model: nn.Module, min_count: int = 2) -> tuple[LayerStack | None, str]:
+    """The largest `nn.ModuleList` of identical layers, or (None, why there is none)."""
+    best: LayerStack | None = None
+    why = "no nn.ModuleList of layers"
+    for path, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < min_count:
+            continue
+        first = layer_signature(mod[0])
+        differ = next((i for i, layer in enumerate(mod) if i and layer_signature(layer) != first), None)
+        if differ is not None:
+            why = f"{path}.{differ} differs in structure from {path}.0"
+            continue
+        size = sum(p.numel() for p in mod[0].parameters())
+        if best is None or size * len(mod) > best.params_per_layer * best.count:
+            best = LayerStack(path, len(mod), size)
+    if best is not None:
+        uneven = _per_layer_config_lists(model, best)
+        if uneven:
+            return None, uneven
+    return best, "" if best else why
+
+
+def _per_layer_config_lists(model: nn.Module, stack: LayerStack) -> str:
+    """A config list with one entry per layer (e.g. `layer_types`) must be uniform to repeat."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return ""
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == stack.count and stack.count > 1:
+            if any(v != value[0] for v in value):
+                return f"config.{key} differs between layers ({sorted(set(map(str, value)))})"
+    return ""
+
+
+def truncated(model: nn.Module, stack: LayerStack, keep: int) -> nn.Module:
+    """`model` with only the first `keep` layers of `stack`, sharing every other module.
+
+    Modules on the path from the root to the layer list are shallow copies (their own
+    `_modules` dicts), so the original is untouched; the config those modules hold is a copy with
+    `num_hidden_layers = keep` and per-layer lists cut to `keep` entries.
+    """
+    if not 0 < keep <= stack.count:
+        raise ValueError(f"keep must be in 1..{stack.count}, got {keep}")
+    config = getattr(model, "config", None)
+    small_config = _truncated_config(config, stack, keep) if config is not None else None
+
+    def shallow(mod: nn.Module) -> nn.Module:
+        out = copy.copy(mod)
+        out._modules = dict(mod._modules)
+        if small_config is not None and getattr(mod, "config", None) is config:
+            out.config = small_config
+        return out
+
+    root = shallow(model)
+    parent = root
+    *ancestors, leaf = stack.path.split(".")
+    for name in ancestors:
+        child = shallow(parent._modules[name])
+        parent._modules[name] = child
+        parent = child
+    parent._modules[leaf] = nn.ModuleList(list(parent._modules[leaf])[:keep])
+    return root
+
+
+def _truncated_config(config, stack: LayerStack, keep: int):
+    small = copy.copy(config)
+    small.__dict__ = dict(config.__dict__)
+    for key, value in list(vars(small).items()):
+        if isinstance(value, (list, tuple)) and len(value) == stack.count:
+            setattr(small, key, type(value)(value[:keep]))
+    if hasattr(small, "num_hidden_layers"):
+        small.num_hidden_layers = keep
+    return small
