@@ -86,3 +86,37 @@ def shard_and_copy(model, **autoshard_kwargs):
     ref = copy.deepcopy(model)
     sharded = autoshard.autoshard(model, tp_mesh(), **autoshard_kwargs)
     return sharded, ref
+
+
+def comm_bytes(fn) -> tuple[dict[str, dict[str, int]], object]:
+    """Run `fn` and measure its collectives as NCCL counts them: {kind: {"count", "bytes"}} with
+    S = the full logical tensor (an all-gather's output, a reduce-scatter's input, an
+    all-reduce's buffer). `CommDebugMode` counts calls; this subclass also weighs them."""
+    import torch.utils._pytree as pytree
+
+    class _Weigh(CommDebugMode):
+        def __init__(self):
+            super().__init__()
+            self.weighed: dict[str, dict[str, int]] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = sum(self.comm_counts.values())
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if out is not NotImplemented and sum(self.comm_counts.values()) > before:
+                name = str(func._overloadpacket).split(".")[-1]
+                kind = next(k for k in ("all_gather", "reduce_scatter", "all_reduce", "allreduce", "all_to_all", "broadcast") if k in name)
+                tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                nbytes = tensors[0].numel() * tensors[0].element_size() if "all_gather" not in kind else 0
+                if kind == "all_gather":
+                    outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                    nbytes = outs[0].numel() * outs[0].element_size()
+                kind = "all_reduce" if kind == "allreduce" else kind
+                entry = self.weighed.setdefault(kind, {"count": 0, "bytes": 0})
+                entry["count"] += 1
+                entry["bytes"] += nbytes
+            return out
+
+    mode = _Weigh()
+    with mode:
+        result = fn()
+    return mode.weighed, result

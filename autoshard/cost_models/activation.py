@@ -77,9 +77,9 @@ def _materialise(val, requires_grad: bool):
 class _Tracer(fx.Interpreter):
     """Runs the graph on meta tensors; maps storages to the node that created them."""
 
-    def __init__(self, gm: fx.GraphModule, analysis: GraphAnalysis):
+    def __init__(self, gm: fx.GraphModule, analysis: GraphAnalysis, device_type: str = "cpu"):
         super().__init__(gm)
-        self.analysis = analysis
+        self.analysis, self.device_type = analysis, device_type
         self.owner: dict[int, tuple[str, bool, str]] = {}   # storage -> (producer, internal, key)
         self.keep: list = []          # outputs kept alive so storage ids are never reused
         self.current = ""
@@ -102,6 +102,8 @@ class _Tracer(fx.Interpreter):
         self.current = n.name
         if n.op == "call_function" and n.target in ATTENTION_OPS:
             out = self._attention(n)
+        elif n.op == "call_function" and n.target is aten.dropout.default and self.device_type == "cuda":
+            out = self._fused_dropout(n)
         elif n.op == "call_function" and n.target is aten.cross_entropy_loss.default:
             out = self._loss(n)
         else:
@@ -134,6 +136,16 @@ class _Tracer(fx.Interpreter):
             return super().run_node(n)
         return out.contiguous()  # as LocalAttention: a dense copy of the kernel's transposed layout
 
+    def _fused_dropout(self, n: fx.Node):
+        """CUDA runs dropout as the fused `native_dropout`, which saves a 1-byte boolean mask; the
+        CPU path (what meta traces) saves a noise tensor of the input's dtype."""
+        (x, p, train), _ = self.fetch_args_kwargs_from_env(n)
+        if not train or p == 0:
+            return x
+        mask = torch.empty(x.shape, dtype=torch.bool, device="meta")
+        self.pack(mask)
+        return x.clone()  # keeps the autograd chain (later ops save their inputs) and saves nothing
+
     def _loss(self, n: fx.Node):
         from autoshard.ops.loss_parallel import _VocabParallelCrossEntropy
 
@@ -153,10 +165,11 @@ class _Tracer(fx.Interpreter):
         return out
 
 
-def saved_activations(analysis: GraphAnalysis) -> SavedActivations:
-    """Trace the exported graph on meta tensors and list every tensor saved for backward."""
+def saved_activations(analysis: GraphAnalysis, device_type: str = "cpu") -> SavedActivations:
+    """Trace the exported graph on meta tensors and list every tensor saved for backward, as the
+    kernels of `device_type` save them."""
     gm = analysis.captured.program.graph_module
-    tracer = _Tracer(gm, analysis)
+    tracer = _Tracer(gm, analysis, device_type)
     args = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":

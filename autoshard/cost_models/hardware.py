@@ -75,6 +75,11 @@ class HardwareProfile:
         if self.mem_bw_bytes_per_s <= 0 or self.devices_per_node < 1 or self.launch_overhead_s < 0:
             raise ValueError(f"profile {self.name!r}: mem_bw > 0, devices_per_node >= 1, launch >= 0")
 
+    @property
+    def device_type(self) -> str:
+        """Whose kernels the profile prices: "cpu" profiles (cpu-gloo, calibrated ones) or GPUs."""
+        return "cpu" if self.name.startswith("cpu") else "cuda"
+
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

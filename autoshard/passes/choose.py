@@ -208,7 +208,7 @@ class Pricer:
     def __init__(self, analysis, simulator, regions, params, profile, tp):
         self.analysis, self.simulator, self.regions, self.params = analysis, simulator, regions, params
         self.profile, self.tp = profile, tp
-        self.saved = saved_activations(analysis)
+        self.saved = saved_activations(analysis, profile.device_type)
         self.owner: dict[str, int] = {}
         for i, c in enumerate(regions):
             for n in list(c.nodes) + c.column + c.row:
