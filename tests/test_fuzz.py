@@ -1,0 +1,116 @@
+"""Property: for any decoder config, tp, batch and sequence, autoshard either computes what the
+unsharded model computes (logits, loss and every gradient) or refuses with PlanError at plan
+time — never a runtime crash, never a mismatch.
+
+Default run: a handful of derandomized examples per tp. `pytest -m slow tests/test_fuzz.py`
+runs AUTOSHARD_FUZZ_EXAMPLES (default 500) in all and prints the outcome counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import full, max_grad_diff, tiny_model, tp_mesh
+
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
+OUTCOMES: collections.Counter = collections.Counter()
+
+
+@st.composite
+def cases(draw):
+    heads = draw(st.integers(1, 8))
+    kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    head_dim = draw(st.sampled_from([4, 8, 16]))
+    cfg = {
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "hidden_size": heads * head_dim,
+        "intermediate_size": draw(st.integers(4, 96)), "vocab_size": draw(st.integers(8, 200)),
+        "num_hidden_layers": draw(st.integers(1, 2)), "tie_word_embeddings": draw(st.booleans()),
+    }
+    return {
+        "family": draw(st.sampled_from(FAMILIES)), "cfg": cfg, "batch": draw(st.integers(1, 3)), "seq": draw(st.integers(1, 12)),
+        "labels": draw(st.booleans()),
+    }
+
+
+def _run_case(case: dict) -> dict:
+    import copy
+
+    import autoshard
+    from autoshard import PlanError
+
+    model = tiny_model(case["family"], **case["cfg"])
+    if case["cfg"]["tie_word_embeddings"]:
+        model.tie_weights()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(case["seq"])
+    kw = {"input_ids": torch.randint(0, case["cfg"]["vocab_size"], (case["batch"], case["seq"]), generator=g)}
+    if case["labels"]:
+        kw["labels"] = torch.randint(0, case["cfg"]["vocab_size"], (case["batch"], case["seq"]), generator=g)
+    try:
+        sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw)
+    except PlanError as e:
+        return {"outcome": "refused", "why": str(e)[:300]}
+    out, expect = sharded(**kw), ref(**kw, use_cache=False)
+    logits = (full(out.logits).float() - expect.logits.float()).abs().max().item()
+    if case["labels"] and not expect.loss.isnan():
+        full(out.loss).backward()
+        expect.loss.backward()
+    else:
+        full(out.logits).float().pow(2).mean().backward()
+        expect.logits.float().pow(2).mean().backward()
+    grads, missing = max_grad_diff(sharded, ref)
+    return {"outcome": "equal" if logits < 1e-4 and grads < 1e-4 and not missing else "mismatch",
+            "logits": logits, "grads": grads, "missing": missing, "stream": sharded.plan.stream}
+
+
+def _check(pool, case) -> None:
+    results = pool.run(_run_case, case)
+    outcomes = {r["outcome"] for r in results}
+    assert len(outcomes) == 1, results  # every rank reached the same verdict
+    OUTCOMES[outcomes.pop()] += 1
+    if os.environ.get("AUTOSHARD_FUZZ_LOG"):  # progress of a long run, one line per example
+        with open(os.environ["AUTOSHARD_FUZZ_LOG"], "a") as f:
+            f.write(f"{pool.world_size} {results[0]['outcome']} {case} {results[0].get('why', '')[:120]!r}\n")
+    assert results[0]["outcome"] in ("equal", "refused"), (case, results[0])
+
+
+_FAST = settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+_SLOW = settings(max_examples=int(os.environ.get("AUTOSHARD_FUZZ_EXAMPLES", "500")) // 2, deadline=None,
+                 suppress_health_check=list(HealthCheck), database=None)
+
+
+@_FAST
+@given(case=cases())
+def test_fuzz_tp2(ranks2, case):
+    _check(ranks2, case)
+
+
+@_FAST
+@given(case=cases())
+def test_fuzz_tp4(ranks4, case):
+    _check(ranks4, case)
+
+
+@pytest.mark.slow
+@_SLOW
+@given(case=cases())
+def test_fuzz_many_tp2(ranks2, case):
+    _check(ranks2, case)
+
+
+@pytest.mark.slow
+@_SLOW
+@given(case=cases())
+def test_fuzz_many_tp4(ranks4, case):
+    _check(ranks4, case)
+
+
+def teardown_module(module):
+    if OUTCOMES:
+        print(f"\nfuzz outcomes: {dict(OUTCOMES)} ({sum(OUTCOMES.values())} examples)")
