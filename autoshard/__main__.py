@@ -25,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(plan)
 
-    calibrate = sub.add_parser("calibrate", help="measure this machine's gloo collectives and matmul rate")
-    calibrate.add_argument("rest", nargs=argparse.REMAINDER)
+    calibrate = sub.add_parser("calibrate", add_help=False, help="measure this machine's gloo collectives and matmul rate")
 
-    args = parser.parse_args(argv)
+    # calibrate's options belong to its own parser (cost_models/calibrate.py): pass them through
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "calibrate":
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         from autoshard.demo import run_demo
 

@@ -27,8 +27,10 @@ def test_fit_shrugs_off_one_hiccup():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
+    from autoshard.__main__ import main as cli  # the documented `autoshard calibrate --out ...`
+
     out = tmp_path_factory.mktemp("cal") / "cpu.json"
-    assert main(["--out", str(out), "--quick", "--reps", "3"]) == 0
+    assert cli(["calibrate", "--out", str(out), "--quick", "--reps", "3"]) == 0
     return out
 
 
