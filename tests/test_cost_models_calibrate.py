@@ -45,5 +45,7 @@ def test_quick_calibration_writes_a_loadable_profile(calibrated):
     assert p.peak_flops["float32"] > 1e8
     assert p.mem_bw_bytes_per_s > 1e8
     assert 0 < p.launch_overhead_s < 1e-3
+    assert 0 <= p.dispatch_overhead_s < 1e-2  # eager DTensor host time per op, beyond the kernel
+    assert type(p).from_json(p.to_json()) == p
     raw = json.loads(calibrated.read_text())["measurements"]
     assert len(raw["comm"]["all_reduce"]) >= 2

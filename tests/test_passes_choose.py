@@ -49,6 +49,9 @@ def _decisions() -> dict:
     except PlanError as e:
         out["impossible"] = (str(e), sharded.estimate["budget"]["smallest_feasible_bytes"])
     out["explain"] = sharded.explain("model.layers.0.mlp")
+    costly = [autoshard.plan(tiny, mesh, ids(8), hardware=dataclasses.replace(_slow_link(), dispatch_overhead_s=d)) for d in (1e-3, 2e-3)]
+    out["dispatch"] = [sharded.estimate["time_s"]["compute"]] + [p.estimate["time_s"]["compute"] for p in costly]
+    out["dispatch same plan"] = all(_strategies(p) == _strategies(sharded) and p.stream == sharded.stream for p in costly)
     out["estimate"] = sharded.estimate
     return out
 
@@ -102,3 +105,11 @@ def test_explain_lists_every_candidate_with_time_memory_and_verdict(decisions):
         assert f"legal   {strategy}  est " in text
     assert text.count("ms, ") >= 3 and text.count("MiB/rank") + text.count("KiB/rank") >= 3
     assert "chosen" in text and "lost:" in text
+
+
+def test_eager_dispatch_overhead_is_paid_per_op_and_does_not_change_the_plan(decisions):
+    base, one_ms, two_ms = decisions["dispatch"]
+    ops = (one_ms - base) / 1e-3  # forward ops + backward ops that go through DTensor dispatch
+    assert ops > 50 and ops == pytest.approx(round(ops), abs=1e-6)
+    assert two_ms - base == pytest.approx(2 * (one_ms - base))
+    assert decisions["dispatch same plan"]

@@ -277,6 +277,18 @@ def compute_times(analysis: GraphAnalysis, sim, profile: HardwareProfile, nodes=
     out = {}
     for node in analysis.graph.nodes if nodes is None else nodes:
         t, _, _ = node_compute(analysis, sim, node, profile)
+        t *= 1.0 + (BACKWARD_FACTOR if node.name in grads else 0.0)
+        if profile.dispatch_overhead_s and _dispatched(sim, node):
+            # host time of eager DTensor dispatch, views included: one op forward, one backward
+            t += profile.dispatch_overhead_s * (2.0 if node.name in grads else 1.0)
         if t:
-            out[node.name] = t * (1.0 + (BACKWARD_FACTOR if node.name in grads else 0.0))
+            out[node.name] = t
     return out
+
+
+def _dispatched(sim, node) -> bool:
+    """Does this node run through DTensor's dispatcher (a DTensor among its outputs)?"""
+    if node.op != "call_function":
+        return False
+    spec = sim.specs.get(node.name)
+    return any(isinstance(s, DTensorSpec) for s in (spec if isinstance(spec, (tuple, list)) else [spec]))

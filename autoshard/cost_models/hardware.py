@@ -66,6 +66,10 @@ class HardwareProfile:
     inter_node: LinkProfile
     devices_per_node: int
     notes: str = ""
+    # Host time of one eager DTensor op beyond its kernel (sharding propagation, wrapping): what
+    # bounds small models in eager mode. Measured by `autoshard calibrate`; 0 = not modelled (the
+    # built-in GPU profiles, whose datasheets say nothing about the host).
+    dispatch_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:
@@ -116,6 +120,7 @@ class HardwareProfile:
             inter_node=link(d["inter_node"]),
             devices_per_node=int(d["devices_per_node"]),
             notes=d.get("notes", ""),
+            dispatch_overhead_s=float(d.get("dispatch_overhead_s", 0.0)),
         )
 
     @classmethod
