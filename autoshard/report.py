@@ -40,14 +40,35 @@ def render_report(plan: Plan) -> str:
     counts = plan.collective_counts()
     lines += ["", "Collectives per forward: " + (", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none")]
     if plan.estimate:
-        e = plan.estimate
-        lines += ["", "Estimate: " + ", ".join(f"{k}={v}" for k, v in e.items() if not isinstance(v, dict))]
+        lines += ["", *_estimate_lines(plan.estimate)]
     if plan.implicit:
         lines += ["", "Unplanned redistributions DTensor will insert (correct, but not optimal):"]
         lines += [f"  {r['source']} -> {r['consumer']}: {r['src']} -> {r['dst']} ({r['collective']}, {_bytes(r['nbytes'])})" for r in plan.implicit]
     if plan.notes:
         lines += ["", "Notes"] + [f"  - {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _estimate_lines(e: dict) -> list[str]:
+    """The cost model's numbers: step time split, per-rank memory split, bytes moved, the budget."""
+    out = [f"Estimate per training step (hardware {e.get('hardware')}, tp {e.get('tp')})"]
+    t = e.get("time_s", {})
+    if t:
+        out.append(f"  time    {t['total'] * 1e3:.3f} ms = compute {t['compute'] * 1e3:.3f} ms + communication {t['communication'] * 1e3:.3f} ms")
+    m = e.get("memory_bytes", {})
+    if m:
+        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in m.items() if k != "total")
+        out.append(f"  memory  {_bytes(m['total'])} per rank = {parts}")
+    for phase, c in e.get("communication", {}).items():
+        kinds = ", ".join(f"{k} x{v}" for k, v in c["counts"].items()) or "none"
+        out.append(f"  {phase:<9}{_bytes(c['bytes'])} moved: {kinds}")
+    b = e.get("budget")
+    if b:
+        binding = "binding: a faster plan needs more memory" if b.get("binding") else "not binding"
+        out.append(f"  budget  {b['why']} ({binding}; smallest feasible {_bytes(b['smallest_feasible_bytes'])})")
+    if e.get("assumptions"):
+        out.append(f"  assumes {e['assumptions']}")
+    return out
 
 
 def render_explain(plan: Plan, name: str) -> str:

@@ -53,6 +53,7 @@ def _decisions() -> dict:
     out["dispatch"] = [sharded.estimate["time_s"]["compute"]] + [p.estimate["time_s"]["compute"] for p in costly]
     out["dispatch same plan"] = all(_strategies(p) == _strategies(sharded) and p.stream == sharded.stream for p in costly)
     out["estimate"] = sharded.estimate
+    out["report"] = sharded.report()
     return out
 
 
@@ -113,3 +114,10 @@ def test_eager_dispatch_overhead_is_paid_per_op_and_does_not_change_the_plan(dec
     assert ops > 50 and ops == pytest.approx(round(ops), abs=1e-6)
     assert two_ms - base == pytest.approx(2 * (one_ms - base))
     assert decisions["dispatch same plan"]
+
+
+def test_report_shows_the_estimate(decisions):
+    est, report = decisions["estimate"], decisions["report"]
+    assert f"time    {est['time_s']['total'] * 1e3:.3f} ms = compute" in report
+    assert "memory  " in report and "per rank = params" in report and "activations" in report
+    assert "budget  default" in report and "binding: a faster plan needs more memory" in report
