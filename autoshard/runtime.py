@@ -18,7 +18,17 @@ from torch.distributed.tensor.placement_types import Placement
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
 
-class Redistribute(nn.Module):
+class RuntimeOp(nn.Module):
+    """Base of the graph's own ops: called without module hooks. They are autoshard's internals,
+    not the user's modules; a global hook a tool installs (CommDebugMode's module tracker) would
+    wrap their DTensor inputs and outputs in `BackwardHook` functions, whose backward then mixes
+    plain and DTensor gradients ("got mixed torch.Tensor and DTensor")."""
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class Redistribute(RuntimeOp):
     """An explicit layout change at a region boundary (the only place collectives are planned)."""
 
     def __init__(self, mesh: DeviceMesh, placements: tuple[Placement, ...]):
@@ -48,7 +58,7 @@ def _reduce_grad_here(x: DTensor) -> DTensor:
     return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False)
 
 
-class ToReplicate(nn.Module):
+class ToReplicate(RuntimeOp):
     """A plain tensor made in the graph (mask, rotary table, ids) meeting DTensors: the same value
     on every rank, so wrapping it as `Replicate` is free and exact."""
 
@@ -62,7 +72,7 @@ class ToReplicate(nn.Module):
         return x
 
 
-class ToFull(nn.Module):
+class ToFull(RuntimeOp):
     """Graph outputs back to plain full tensors for the caller (a replicated one costs nothing)."""
 
     def forward(self, x):
@@ -73,7 +83,7 @@ class ToFull(nn.Module):
         return x.full_tensor()
 
 
-class LocalAttention(nn.Module):
+class LocalAttention(RuntimeOp):
     """`scaled_dot_product_attention` on each rank's own heads (or batch rows).
 
     CPU SDPA has no DTensor sharding strategy, and every SDPA kernel is independent per head and
@@ -108,7 +118,7 @@ class LocalAttention(nn.Module):
         return f"{self.placement}, {self.sdpa_kwargs}"
 
 
-class LocalMatmul(nn.Module):
+class LocalMatmul(RuntimeOp):
     """A batched matmul (attention scores written by hand) on local batch/head shards.
 
     DTensor would fold the batch dims into one for `bmm` and gather a sharded inner dim; each
@@ -130,7 +140,7 @@ class LocalMatmul(nn.Module):
         return str(self.placement)
 
 
-class VocabParallelLoss(nn.Module):
+class VocabParallelLoss(RuntimeOp):
     """`cross_entropy_loss` on vocab-sharded logits without gathering them (loss parallel)."""
 
     def __init__(self, weight=None, reduction: int = 1, ignore_index: int = -100, label_smoothing: float = 0.0):

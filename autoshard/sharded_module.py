@@ -101,7 +101,7 @@ class ShardedModule(nn.Module):
                 state_lookup.update(dict(self.named_buffers(remove_duplicate=False)))
             it = iter(flat_inputs)
             values = [state_lookup[t] if k == "state" else t if k == "const" else next(it) for k, t in getters]
-            return gm(*values)
+            return gm.forward(*values)  # no module hooks: the graph is internal (see runtime.RuntimeOp)
 
         return call
 

@@ -27,11 +27,10 @@ def _predicted_and_measured_comm(cases) -> list:
             o = sharded(**kw)
             return full(o.loss) if labels else full(o.logits).pow(2).mean()
 
-        fwd, _ = comm_bytes(forward)
-        # a second forward outside the counting mode: with a dispatch mode active in forward, the
-        # backward of tiny-qwen2 at tp 4 (replicated KV heads) fails in DTensor with "mixed
-        # torch.Tensor and DTensor" — a CommDebugMode interaction, see TORCH213.md
-        bwd, _ = comm_bytes(forward().backward)
+        # the backward of a forward counted under CommDebugMode (whose module tracker installs
+        # global module hooks) must work: autoshard's graph ops are called without module hooks
+        fwd, loss = comm_bytes(forward)
+        bwd, _ = comm_bytes(loss.backward)
         predicted = sharded.plan.estimate["communication"]
         measured = {
             phase: {"bytes": sum(v["bytes"] for v in m.values()), "counts": dict(sorted((k, v["count"]) for k, v in m.items()))}
