@@ -70,14 +70,21 @@ def _run_case(case: dict) -> dict:
 
 
 def _check(pool, case) -> None:
+    _log(f"{pool.world_size} start {case}")
     results = pool.run(_run_case, case)
     outcomes = {r["outcome"] for r in results}
     assert len(outcomes) == 1, results  # every rank reached the same verdict
     OUTCOMES[outcomes.pop()] += 1
-    if os.environ.get("AUTOSHARD_FUZZ_LOG"):  # progress of a long run, one line per example
-        with open(os.environ["AUTOSHARD_FUZZ_LOG"], "a") as f:
-            f.write(f"{pool.world_size} {results[0]['outcome']} {case} {results[0].get('why', '')[:120]!r}\n")
+    _log(f"{pool.world_size} {results[0]['outcome']} {case} {results[0].get('why', '')[:120]!r}")
     assert results[0]["outcome"] in ("equal", "refused"), (case, results[0])
+
+
+def _log(line: str) -> None:
+    """Progress of a long run (AUTOSHARD_FUZZ_LOG): each example before and after it runs, so a
+    hang or crash names its case."""
+    if os.environ.get("AUTOSHARD_FUZZ_LOG"):
+        with open(os.environ["AUTOSHARD_FUZZ_LOG"], "a") as f:
+            f.write(line + "\n")
 
 
 _FAST = settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)

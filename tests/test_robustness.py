@@ -159,6 +159,20 @@ def test_vocab_intermediate_hidden_not_divisible_tp4(ranks4, tie):
     assert out["tied"] is tie
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_vocab_leaving_a_rank_no_rows_stays_exact_tp4(ranks4, tie):
+    # vocab 9 over tp 4: torch.chunk gives 3, 3, 3, 0 rows; a lookup in rank 3's empty table
+    # crashed that rank (found by tests/test_fuzz.py). The table stays whole; the tied LM head too.
+    over = {"vocab_size": 9, "hidden_size": 8, "head_dim": 8, "num_attention_heads": 1, "num_key_value_heads": 1,
+            "tie_word_embeddings": tie}
+    out = ranks4.run(shard_and_call, "tiny-llama", over, (2, 9), [(2, 9), (2, 4)], ("labels",), tie)[0]
+    check(out["results"])
+    assert out["placements"]["model.embed_tokens.weight"] == "Replicate()"
+    assert "leaves a rank an empty shard" in out["report"]
+    if tie:
+        assert out["placements"]["lm_head.weight"] == "Replicate()" and out["tied"]
+
+
 # ---- inputs ----------------------------------------------------------------------------------------
 def test_batch_one_example_then_other_batches(ranks2):
     # export specialises a size-1 example dim; a batch of 3 gets its own (cached) program

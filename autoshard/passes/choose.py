@@ -424,6 +424,21 @@ def _reconcile_ties(analysis, params, reasons, chosen):
                         params.pop(fqn, None)
                         reasons.pop(fqn, None)
             notes.append(f"tied parameters {', '.join(names)} need one placement ({' vs '.join(sorted(placements))}); their regions stay replicated")
+    # A table sharded by another region (a tied LM head) but looked up by an embedding that is
+    # not vocab-parallel would be indexed as if it were whole: keep those regions replicated.
+    looked_up = {c.column[0] for c in chosen if c.kind == "embedding" and not getattr(c, "_demoted", False)}
+    for node in analysis.of_role(Role.EMBEDDING):
+        fqn = analysis.param_of(node.args[0])
+        if node.name in looked_up or fqn not in params:
+            continue
+        for c in chosen:
+            touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column + c.row}
+            if fqn in touched:
+                c._demoted = True
+                for f in touched:
+                    params.pop(f, None)
+                    reasons.pop(f, None)
+        notes.append(f"{fqn} is also an embedding table that cannot be vocab-parallel here; the regions sharding it stay replicated")
     return params, notes
 
 
