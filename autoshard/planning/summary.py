@@ -123,9 +123,15 @@ def _memory(plan, mem, profile, training: bool) -> list[str]:
         f" ({mem.replicated_params / max(mem.total_params, 1):.1%} of all parameters){uneven}",
     ]
     est = plan.estimate or {}
-    memory = est.get("memory") if isinstance(est.get("memory"), dict) else None
-    if memory:
-        lines += [f"{k:<12} {_bytes(int(v)):>12}  (cost model)" for k, v in memory.items() if isinstance(v, (int, float))]
+    memory = est.get("memory_bytes") if isinstance(est.get("memory_bytes"), dict) else None
+    if memory:  # the cost model's, on the most loaded rank: activations included
+        names = {"params": "parameters", "grads": "gradients", "optimizer": "AdamW state", "activations": "activations"}
+        lines = [f"{names.get(k, k):<12} {_bytes(int(v)):>12}  (cost model)" for k, v in memory.items() if k != "total"]
+        total, cap = memory["total"], profile.device_memory_bytes
+        verdict = "fits" if total <= cap else "does NOT fit"
+        lines.append(f"total        {_bytes(int(total)):>12}  {verdict} in {_bytes(cap)} of {profile.name} memory")
+        lines.append(f"(replicated: {_bytes(mem.replicated_bytes)} of parameters, {mem.replicated_params / max(mem.total_params, 1):.1%}"
+                     f" of all; the rest ~1/{tp}{uneven})")
         return lines
     if training:
         elems = max(sum(local_numel(p.shape, p.placement, tp, r) for p in unique_params(plan)) for r in range(tp))
@@ -156,8 +162,11 @@ def _collectives(plan, container) -> list[str]:
 
 def _step_time(plan, facts, profile, mem, training: bool) -> list[str]:
     est = plan.estimate
-    if est:
-        return [f"{k}: {v}" for k, v in est.items() if not isinstance(v, dict)] + ["(cost model estimate: plan.estimate)"]
+    if est and est.get("time_s"):
+        t = est["time_s"]
+        return [f"{t['total'] * 1e3:.1f} ms per step = compute {t['compute'] * 1e3:.1f} ms + tp communication "
+                f"{t['communication'] * 1e3:.1f} ms (cost model, {est.get('hardware')}; not overlapped)",
+                f"assumes {est.get('assumptions', '')}"]
     from autoshard.cost_models import collective_time, link_for, peak_flops_for
 
     tp = plan.mesh["tp"]
