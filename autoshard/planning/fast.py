@@ -7,19 +7,21 @@ numbering to settle), checks on the captured graph that the layers really trace 
 and grows the plan to all layers (`expand_plan`). The result is the same Plan data that planning
 the full model gives (tests compare them on models small enough to plan in full). When the
 numbering has not settled it retries with 6 layers; when anything does not repeat exactly, it
-says why and plans the full model instead.
+says why and plans the full model instead. The cost model's estimate is scaled to all layers from
+the truncation's per-node costs (`scaled_estimate.py`). A memory budget in bytes is not
+scale-free (4 layers fit where 80 do not): with one, the full model is planned.
 
 Only planning is shortened: `autoshard()` still captures and rewrites every layer.
 
     result = plan_layers_once(model, mesh, {"input_ids": ids})
     result.plan            # Plan for every layer
-    result.timings         # {"capture": s, "analyse": s, "label": s, "choose": s, "expand": s}
+    result.timings         # {"capture": s, "analyse": s, "label": s, "choose": s, "expand": s, "estimate": s}
     result.fallback        # "" when a truncation was planned, else why the full model was
 """
 
 from __future__ import annotations
 
-import numbers
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,11 +30,14 @@ from typing import Callable
 from torch import nn
 
 from autoshard import api
+from autoshard.mesh import mesh_info
 from autoshard.passes.capture import Captured
+from autoshard.passes.choose import _LAYOUT_TEXT, _fmt_bytes, resolve_hardware
 from autoshard.plan import Plan
 from autoshard.planning.expand import expand_plan
 from autoshard.planning.layers import LayerStack, find_layer_stack, truncated
 from autoshard.planning.names import LayerNames, NotRepeating, Unsettled
+from autoshard.planning.scaled_estimate import scaled_estimate
 
 # the passes `autoshard.plan` runs, in order; timed by wrapping them while it runs
 PHASES = ("capture", "analyse", "PlacementSimulator", "label", "choose")
@@ -76,6 +81,10 @@ def plan_layers_once(
     stack, why = find_layer_stack(model)
     result.stack = stack
     result.fallback = why if attempts else "full capture requested"
+    if attempts and not scale_free_budget(plan_kwargs.get("memory_budget")):
+        attempts = ()
+        result.fallback = (f"memory_budget={plan_kwargs['memory_budget']!r} bounds the whole model's memory, which a "
+                           "truncation does not have: planned in full")
     for keep in attempts:
         if stack is None or stack.count <= keep:
             result.fallback = result.fallback or f"{stack.path} has {stack.count} layers: planned in full"
@@ -99,19 +108,30 @@ def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, veri
         plan = api.plan(small, mesh, inputs, sequence_parallel=sp, **plan_kwargs)
     captured = last["capture"]
     t0 = _start(progress, "expand", f"to {stack.count} layers")
-    full = expand_plan(plan, LayerNames.from_captured(captured, stack.path, stack.count))
+    names = LayerNames.from_captured(captured, stack.path, stack.count)
+    full = expand_plan(plan, names)
     result.timings["expand"] = result.timings.get("expand", 0.0) + _stop(progress, "expand", t0)
 
-    if verify or plan.estimate is not None:
-        # one layer more: checks the growth (verify) and gives the per-layer slope of the estimate
+    if plan.estimate is not None:
+        # the cost model's numbers for all layers: the truncation's per-node costs, layer T counted N-K+1 times
+        t0 = _start(progress, "estimate", f"scaled to {stack.count} layers")
+        profile = resolve_hardware(plan_kwargs.get("hardware"), mesh_info(mesh))
+        full.estimate = scaled_estimate(last["analyse"], last["PlacementSimulator"], plan, profile, names)
+        full.estimate["budget"] = _scaled_budget(plan.estimate.get("budget"), full.estimate, keep)
+        full.estimate["solver"] = {**plan.estimate.get("solver", {}), "planned_layers": keep}
+        full.notes = [_scaled_layout_note(n, full.stream, full.estimate, keep) for n in full.notes]
+        result.timings["estimate"] = _stop(progress, "estimate", t0)
+    if verify:
+        # one layer more, planned for real: the grown plan (and its estimate) must equal it
         with _timed_passes(result.timings, progress, f"{keep + 1} of {stack.count} layers (check)"):
             bigger = api.plan(truncated(model, stack, keep + 1), mesh, inputs, sequence_parallel=sp, **plan_kwargs)
-        if verify:
-            grown = expand_plan(plan, LayerNames.from_captured(captured, stack.path, keep + 1))
-            if asdict(grown) != {**asdict(bigger), "estimate": None}:
-                raise NotRepeating(f"the {keep}-layer plan grown to {keep + 1} layers differs from the {keep + 1}-layer plan")
+        names_k1 = LayerNames.from_captured(captured, stack.path, keep + 1)
+        grown = expand_plan(plan, names_k1)
+        if asdict(grown) != {**asdict(bigger), "estimate": None}:
+            raise NotRepeating(f"the {keep}-layer plan grown to {keep + 1} layers differs from the {keep + 1}-layer plan")
         if plan.estimate is not None:
-            full.estimate = extrapolate(plan.estimate, bigger.estimate, keep, stack.count)
+            check = scaled_estimate(last["analyse"], last["PlacementSimulator"], plan, profile, names_k1)
+            _check_estimate(check, bigger.estimate, keep + 1)
     result.plan = full
     result.captured = captured
     result.captured_layers = keep
@@ -119,14 +139,58 @@ def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, veri
     return result
 
 
-def extrapolate(at_k: dict, at_k1: dict, k: int, n: int):
-    """Numbers linear in the layer count (times, bytes, FLOPs), from k and k+1 layers to n."""
-    if isinstance(at_k, dict) and isinstance(at_k1, dict):
-        return {key: extrapolate(v, at_k1.get(key, v), k, n) for key, v in at_k.items()}
-    if isinstance(at_k, bool) or not isinstance(at_k, numbers.Number) or not isinstance(at_k1, numbers.Number):
-        return at_k
-    value = at_k + (n - k) * (at_k1 - at_k)
-    return int(round(value)) if isinstance(at_k, int) and isinstance(at_k1, int) else value
+def _scaled_budget(budget: dict | None, scaled: dict, keep: int) -> dict | None:
+    """The budget entry for all layers. Only scale-free budgets reach here (see `scale_free_budget`):
+    the default one is the smallest memory, which the chosen plan reaches; 'none' has no limit."""
+    if not budget:
+        return budget
+    out = {**budget, "planned_on": f"a {keep}-layer truncation; the choice is per layer, so it holds for all layers"}
+    if budget.get("policy") == "default":
+        out["bytes"] = out["smallest_feasible_bytes"] = scaled["memory_bytes"]["total"]
+    else:
+        out.pop("smallest_feasible_bytes", None)  # known for the truncation only
+    return out
+
+
+_LAYOUT_NOTE = "residual stream "
+_PRICED = re.compile(r"(?P<layout>[a-z-]+): (?P<ms>[0-9.]+) ms, (?P<mem>[0-9.]+ [KMGT]?i?B)/rank")
+
+
+def _scaled_layout_note(note: str, stream: str, estimate: dict, keep: int) -> str:
+    """choose's note comparing stream layouts quotes the truncation's step time and memory: the
+    chosen layout's numbers become the whole model's; any other layout's priced numbers are the
+    truncation's, and the note says so."""
+    if not note.startswith(_LAYOUT_NOTE) or "(best plans per stream layout" not in note:
+        return note
+    chosen = _LAYOUT_TEXT[stream]
+    others = False
+
+    def sub(m):
+        nonlocal others
+        if m.group("layout") != chosen:
+            others = True
+            return m.group(0)
+        return f"{chosen}: {estimate['time_s']['total'] * 1e3:.3f} ms, {_fmt_bytes(estimate['memory_bytes']['total'])}/rank"
+
+    out = _PRICED.sub(sub, note)
+    return out + (f" [other layouts priced on the {keep}-layer truncation planned]" if others else "")
+
+
+def _check_estimate(scaled: dict, planned: dict, layers: int, rel: float = 1e-9) -> None:
+    """The scaled estimate must equal the estimate of a plan of that many layers (exact bytes)."""
+    if scaled["memory_bytes"] != planned["memory_bytes"] or scaled["communication"] != planned["communication"]:
+        raise NotRepeating(f"the estimate scaled to {layers} layers differs from the {layers}-layer plan's: "
+                           f"{scaled['memory_bytes']} / {scaled['communication']} vs {planned['memory_bytes']} / {planned['communication']}")
+    for k, v in planned["time_s"].items():
+        if abs(scaled["time_s"][k] - v) > rel * max(abs(v), 1e-30):
+            raise NotRepeating(f"the {k} time scaled to {layers} layers, {scaled['time_s'][k]}, differs from the {layers}-layer plan's {v}")
+
+
+def scale_free_budget(memory_budget) -> bool:
+    """Is the choice on a truncation the choice for all layers? Yes for the default budget (smallest
+    memory: each region at its smallest) and 'none' (each region at its fastest); a byte budget is
+    not: 4 layers fit where 80 do not."""
+    return memory_budget is None or (isinstance(memory_budget, str) and memory_budget.strip().lower() in ("none", "inf", "unlimited"))
 
 
 # ---- timing ---------------------------------------------------------------------------------------
