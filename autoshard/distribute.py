@@ -59,6 +59,20 @@ def distribute_parameters(
     return reducer
 
 
+def _whole_grad_of_shard(p, g) -> bool:
+    """DTensor computes a vocab-parallel table's gradient whole (embedding_dense_backward on the
+    replicated ids): a Replicate gradient of a sharded parameter."""
+    return (isinstance(p, DTensor) and isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements)
+            and all(pl.is_replicate() for pl in g.placements))
+
+
+def _compact(p: DTensor, g: DTensor) -> DTensor:
+    """The rank's rows of a whole gradient, copied: no communication, and the whole table (1/tp of
+    it is all this rank needs) is freed instead of living on as a view's storage."""
+    local = g.redistribute(g.device_mesh, p.placements).to_local().clone()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
 def backward_order(captured: Captured, params: dict[str, nn.Parameter]) -> list[str]:
     """Parameter FQNs in the order backward completes their gradients: by first use in forward,
     latest first (backward reaches a parameter's earliest use last)."""
@@ -147,6 +161,8 @@ class GradReducer:
         for p in params:
             g = p.grad
             if not (isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements)):
+                if _whole_grad_of_shard(p, g):
+                    p.grad = _compact(p, g)
                 continue
             done = tuple(Replicate() if pl.is_partial() else pl for pl in g.placements)
             if not isinstance(p, DTensor) or tuple(p.placements) != done:

@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.cost_models.activation import SavedActivations
-from autoshard.passes.analyse import GraphAnalysis, Role
+from autoshard.passes.analyse import GraphAnalysis
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each (torch.optim.Adam/AdamW on fp32 params)
 
@@ -74,11 +74,9 @@ def state_memory(analysis: GraphAnalysis, sim, optimizer: str | None = "adam") -
         local = int(math.ceil(numel * frac))
         out.params += local * val.dtype.itemsize
         if val.requires_grad:
-            # DTensor computes a vocab-parallel table's gradient whole (embedding_dense_backward on
-            # the replicated ids) and keeps the rank's rows as a view of it: the full table stays
-            # alive as the gradient's storage (measured with MemTracker, torch 2.13)
-            whole = frac < 1 and any(analysis.roles[u.name] is Role.EMBEDDING for u in analysis.nodes[ph].users)
-            out.grads += (numel if whole else local) * val.dtype.itemsize
+            # a vocab-parallel table's gradient is computed whole by DTensor, then compacted to the
+            # rank's rows after it accumulates (autoshard.distribute.GradReducer)
+            out.grads += local * val.dtype.itemsize
             if optimizer:
                 out.optimizer += local * ADAM_STATE_BYTES
     return out
