@@ -14,7 +14,6 @@ why, per-rank memory and the estimated step time; progress of the slow phases on
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -25,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", action="append", default=None, metavar="DIM=SIZE[,DIM=SIZE]",
                    help="mesh to plan for, e.g. tp=8 or dp=16,tp=8 (sharding runs over 'tp'); repeat to compare meshes (default tp=8)")
     p.add_argument("--hardware", default="h100", help="hardware profile name or a profile JSON path (default h100)")
+    p.add_argument("--memory-budget", default=None, metavar="BYTES",
+                   help="per-rank memory limit for the cost model: bytes, '70GiB', 'device' or 'none' (default: the smallest memory "
+                        "a legal plan reaches, the fastest there). A byte limit plans every layer (slower): it does not scale with layers")
     p.add_argument("--seq", type=int, default=8192, help="sequence length (default 8192)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size per data-parallel rank (default 1)")
     p.add_argument("--inference", action="store_true", help="plan a forward without labels (no loss in the graph)")
@@ -136,7 +138,6 @@ def plan_on_fake_mesh(model, names, sizes, inputs, args, profile, progress):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from autoshard import api
     from autoshard.planning import plan_layers_once
 
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
@@ -147,12 +148,9 @@ def plan_on_fake_mesh(model, names, sizes, inputs, args, profile, progress):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         mesh = init_device_mesh("cpu", sizes, mesh_dim_names=names)
-        kwargs = {}
-        accepted = inspect.signature(api.plan).parameters
-        if "hardware" in accepted:  # the cost model prices the plan for this profile
-            kwargs["hardware"] = profile
         attempts = () if args.full_capture else (4, 6)
-        return plan_layers_once(model, mesh, inputs, progress=progress, verify=args.verify, attempts=attempts, **kwargs)
+        return plan_layers_once(model, mesh, inputs, progress=progress, verify=args.verify, attempts=attempts,
+                                hardware=profile, memory_budget=args.memory_budget)
     finally:
         dist.destroy_process_group()
 
