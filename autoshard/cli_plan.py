@@ -119,8 +119,25 @@ def run(args: argparse.Namespace) -> int:
                 f.write(result.plan.to_json())
             print(f"\nplan written to {path}")
     if not args.quiet:
-        sys.stderr.write(f"[autoshard] total {time.perf_counter() - t0:.2f} s (after imports)\n")
+        planning = time.perf_counter() - t0
+        since_start = _process_age()
+        total = f"; {since_start:.2f} s since the process started (imports of torch, transformers, autoshard included)" if since_start else ""
+        sys.stderr.write(f"[autoshard] planning {planning:.2f} s{total}\n")
     return 0
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), or None elsewhere."""
+    try:
+        import os
+
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _mesh_path(path: str, names, sizes) -> str:

@@ -45,8 +45,10 @@ def fold_row(row, container: str | None) -> tuple[str, ...]:
 
 
 def _folded_rows(rows: list[tuple], container: str | None) -> list[list[str]]:
+    """Identical folded rows counted once; the last cell (the reason) is shortened only after
+    folding, so rows whose node numbers differ in length still fold together."""
     counts = Counter(fold_row(row, container) for row in rows)
-    return [[*row, f"x{n}"] for row, n in counts.items()]
+    return [[*row[:-1], _short(row[-1]), f"x{n}"] for row, n in counts.items()]
 
 
 def render_summary(result: PlanningResult, model, profile, *, batch: int, seq: int, training: bool) -> str:
@@ -65,10 +67,10 @@ def render_summary(result: PlanningResult, model, profile, *, batch: int, seq: i
         _planning_line(result),
     ]
     lines += ["", "Regions (per layer rows folded into layers.*)"]
-    rows = [(r.name, r.kind, r.strategy + (" + loss parallel" if r.loss_parallel else ""), _short(r.reason)) for r in plan.regions]
+    rows = [(r.name, r.kind, r.strategy + (" + loss parallel" if r.loss_parallel else ""), r.reason) for r in plan.regions]
     lines += _indent(_table(_folded_rows(rows, container), ["region", "kind", "strategy", "why", "count"]))
     lines += ["", "Parameters"]
-    rows = [(p.fqn, "x".join(map(str, p.shape)), p.placement, _short(p.reason) + (f" (tied to {p.tied_to})" if p.tied_to else "")) for p in plan.params.values()]
+    rows = [(p.fqn, "x".join(map(str, p.shape)), p.placement, p.reason + (f" (tied to {p.tied_to})" if p.tied_to else "")) for p in plan.params.values()]
     lines += _indent(_table(_folded_rows(rows, container), ["parameter", "shape", "placement", "why", "count"]))
     lines += ["", "Replicated parameters and why"]
     lines += _indent(_replicated(plan, facts, container))
