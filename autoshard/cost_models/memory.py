@@ -70,7 +70,7 @@ def state_memory(analysis: GraphAnalysis, sim, optimizer: str | None = "adam") -
             continue
         val = analysis.nodes[ph].meta["val"]
         numel = math.prod(int(s) for s in val.shape)
-        frac = local_fraction(sim.specs.get(ph), tuple(int(s) for s in val.shape))
+        frac = local_fraction(sim.specs.get(_read_as(analysis, ph, fqn)), tuple(int(s) for s in val.shape))
         local = int(math.ceil(numel * frac))
         out.params += local * val.dtype.itemsize
         if val.requires_grad:
@@ -80,6 +80,15 @@ def state_memory(analysis: GraphAnalysis, sim, optimizer: str | None = "adam") -
             if optimizer:
                 out.optimizer += local * ADAM_STATE_BYTES
     return out
+
+
+def _read_as(analysis: GraphAnalysis, ph: str, fqn: str) -> str:
+    """The placeholder whose placement a tied tensor has: export may read it under an alias
+    (`lm_head.weight`) and leave the canonical name's placeholder unused, hence unplaced."""
+    captured = analysis.captured
+    if analysis.nodes[ph].users:
+        return ph
+    return next((p for p, f in captured.param_fqns.items() if captured.tied.get(f) == fqn and analysis.nodes[p].users), ph)
 
 
 def boundary_sources(sim) -> dict[str, DTensorSpec]:
