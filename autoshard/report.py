@@ -75,7 +75,7 @@ def render_explain(plan: Plan, name: str) -> str:
     """Why `name` (a parameter FQN, a region name, or a graph node) is placed the way it is."""
     if name in plan.params:
         p = plan.params[name]
-        lines = [f"{p.fqn}: {p.placement}  shape {p.shape} {p.dtype}", f"  why: {p.reason}"]
+        lines = [f"{p.fqn}: {p.placement}  shape {p.shape} {p.dtype}", f"  why: {p.reason}", f"  cost: {_param_cost(plan, p)}"]
         if p.grad_reduce:
             lines.append("  gradient: partial on each rank, summed over tp after backward")
         if p.region:
@@ -94,6 +94,26 @@ def render_explain(plan: Plan, name: str) -> str:
         return "\n\n".join(_explain_region(x) if hasattr(x, "candidates") else render_explain(plan, x.fqn) for x in prefix[:20])
     known = [r.name for r in plan.regions][:10]
     raise KeyError(f"{name!r} is not a parameter, region or boundary node of this plan; regions include {known}")
+
+
+def _param_cost(plan: Plan, p) -> str:
+    """Per-rank bytes of the parameter, its gradient and Adam's two fp32 moments (rank 0's shard,
+    the largest under torch.chunk), and the gradient all-reduce when its gradient is partial."""
+    import math
+
+    import torch
+
+    tp = int(plan.mesh.get("tp", 1))
+    shape = list(p.shape)
+    if p.placement.startswith("Shard(") and shape:
+        dim = int(p.placement[len("Shard("):].split(")")[0].split("=")[-1])
+        shape[dim] = -(-shape[dim] // tp)
+    numel = math.prod(shape)
+    size = torch.empty((), dtype=getattr(torch, p.dtype)).element_size()
+    text = f"{_bytes(numel * size)} parameter + {_bytes(numel * size)} gradient + {_bytes(numel * 8)} Adam state per rank"
+    if p.grad_reduce:
+        text += f"; its gradient joins a bucketed all-reduce over tp ({_bytes(numel * size)} of it)"
+    return text
 
 
 def _explain_region(r) -> str:

@@ -24,6 +24,8 @@ def _plan_as_data():
     out = {"roundtrip": back == plan, "report": plan.report(), "digest": back.digest() == plan.digest()}
     out["explain_param"] = plan.explain("model.layers.0.self_attn.q_norm.weight")
     out["explain_region"] = plan.explain("model.layers.0.mlp")
+    out["explain_up"] = plan.explain("model.layers.0.mlp.up_proj.weight")
+    out["up_shape"] = plan.params["model.layers.0.mlp.up_proj.weight"].shape
     out["explain_boundary"] = plan.explain(plan.boundaries[0].node)
     # applying a loaded plan reproduces the same sharded model
     again = autoshard.autoshard(tiny_model("tiny-qwen3"), tp_mesh(), example_inputs=kw, plan=back)
@@ -54,6 +56,9 @@ def test_plan_json_report_explain_and_validation(ranks2):
         assert needle in report, needle
     assert "Replicate()" in out["explain_param"] and "summed over tp" in out["explain_param"]
     assert "candidates:" in out["explain_region"] and "replicated" in out["explain_region"]
+    rows, cols = out["up_shape"]  # Shard(0) over tp 2: rank 0 holds ceil(rows / 2) rows, fp32
+    local = -(-rows // 2) * cols * 4
+    assert f"cost: {local / 1024:.1f} KiB parameter + {local / 1024:.1f} KiB gradient + {2 * local / 1024:.1f} KiB Adam" in out["explain_up"]
     assert "->" in out["explain_boundary"]
     assert set(errors) == {"garbage", "format", "placement", "other_model"}
     assert "another model" in errors["other_model"] and "Qwen3ForCausalLM" in errors["other_model"]
