@@ -8,6 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoshard.distribute import distribute_parameters
 from autoshard.diagnose import refuse_fallbacks
+from autoshard.compile import finish
 from autoshard.errors import PlanError
 from autoshard.fsdp import cast_parameters, data_parallel, resolve_fsdp
 from autoshard.mesh import mesh_info, tensor_parallel_mesh
@@ -49,6 +50,8 @@ def autoshard(
     strict: bool = False,
     hardware=None,
     memory_budget=None,
+    compile: bool | dict = False,
+    lower: bool = False,
 ) -> ShardedModule:
     """Shard `model` over `mesh` and return a drop-in module; `model` itself is left untouched.
 
@@ -60,6 +63,9 @@ def autoshard(
     `fsdp`: on a mesh with dims besides "tp" (e.g. `("dp", "tp")`) FSDP2 shards over them, per
     decoder layer and root (`autoshard.fsdp.data_parallel`); a dict passes its options
     (`mp_policy`, `reshard_after_forward`); False leaves data parallelism to the caller.
+    `compile`: True (or a dict of `torch.compile` options) runs the program lowered to local tensors
+    with explicit collectives, compiled with dynamic batch/sequence; `lower`: lowered, eager
+    (`autoshard.compile`; what cannot be lowered stays on DTensors, see `sharded.lowering_notes`).
     """
     tp_mesh = tensor_parallel_mesh(mesh)
     fsdp_options = resolve_fsdp(mesh, fsdp)
@@ -83,7 +89,7 @@ def autoshard(
     sharded.add_program(captured, chosen, graph)
     if fsdp_options is not None:
         data_parallel(sharded, **fsdp_options)                       # 6. FSDP2 over dp
-    return sharded
+    return finish(sharded, compile, lower)                          # 7. lower + torch.compile
 
 
 def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware=None, memory_budget=None):

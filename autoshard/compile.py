@@ -35,7 +35,39 @@ from autoshard.plan import Plan
 from autoshard.sharded_module import ShardedModule
 
 
-class LoweredShardedModule(ShardedModule):
+DEFAULT_OPTIONS = {"backend": "inductor", "dynamic": None}
+
+
+class CompilableShardedModule(ShardedModule):
+    """A `ShardedModule` that `torch.compile(sharded)` compiles the right way.
+
+    Dynamo cannot trace the DTensor program for training (TORCH213.md: `as_strided not supported
+    with DTensor`, RecursionError with dynamic shapes). So when a user's `torch.compile` traces
+    this module, the call leaves dynamo (one graph break at the top) and the module lowers its
+    programs to local graphs and compiles those (`compile_options`, inductor by default).
+    Called eagerly it is exactly a `ShardedModule`.
+    """
+
+    compile_options: dict | None = None   # what a user's torch.compile(sharded) compiles with
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _call_outside_dynamo(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def compile(self, *args, **kwargs):
+        """`nn.Module.compile`: lower and compile the programs in place (same options)."""
+        compile_sharded(self, **kwargs)
+
+
+@torch._dynamo.disable
+def _call_outside_dynamo(module: "CompilableShardedModule", *args, **kwargs):
+    if not isinstance(module, LoweredShardedModule) or module._compile_options is None:
+        compile_sharded(module, **(module.compile_options or {}))
+    return ShardedModule.__call__(module, *args, **kwargs)
+
+
+class LoweredShardedModule(CompilableShardedModule):
     """A `ShardedModule` whose programs run lowered local graphs, compiled or eager."""
 
     _compile_options: dict | None = None
@@ -56,6 +88,8 @@ class LoweredShardedModule(ShardedModule):
 
     def _make_call(self, captured: Captured, gm: fx.GraphModule) -> Callable:
         plan = self._adding_plan
+        if self.device_mesh.ndim > 1:
+            return self._not_lowered(captured, gm, "FSDP over a data-parallel mesh dim is not lowered")
         mesh = tensor_parallel_mesh(self.device_mesh)
         sim = PlacementSimulator(analyse(captured), mesh).run(
             plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs)
@@ -63,12 +97,16 @@ class LoweredShardedModule(ShardedModule):
         try:
             lowered = lower_graph(gm, captured, plan, sim, mesh)
         except LoweringError as e:
-            self.lowered.append(None)
-            self.lowering_notes.append(f"program {len(self.lowered)}: not lowered, runs on DTensors: {e}")
-            warnings.warn(self.lowering_notes[-1], stacklevel=3)
-            return super()._make_call(captured, gm)
+            return self._not_lowered(captured, gm, str(e))
         self.lowered.append(lowered)
         return _LoweredCall(self, captured, lowered, mesh, self._compile_options)
+
+    def _not_lowered(self, captured: Captured, gm: fx.GraphModule, why: str) -> Callable:
+        """Never silently wrong: keep the (exact) DTensor program, eagerly, and say why."""
+        self.lowered.append(None)
+        self.lowering_notes.append(f"program {len(self.lowered)}: not lowered, runs on DTensors eagerly: {why}")
+        warnings.warn(self.lowering_notes[-1], stacklevel=3)
+        return ShardedModule._make_call(self, captured, gm)
 
 
 class _LoweredCall:
@@ -130,6 +168,12 @@ class _LoweredCall:
 
 
 def _convert(sharded: ShardedModule, options: dict | None) -> LoweredShardedModule:
+    if any(hasattr(p, "segments") for p in sharded._programs):  # FSDP stages own program.call
+        sharded.__class__ = LoweredShardedModule
+        sharded._compile_options, sharded.lowered = options, [None] * len(sharded._programs)
+        sharded.lowering_notes = ["not lowered, runs on DTensors eagerly: FSDP over a data-parallel mesh dim"]
+        warnings.warn(sharded.lowering_notes[0], stacklevel=3)
+        return sharded
     programs = list(sharded._programs)
     sharded.__class__ = LoweredShardedModule
     sharded._compile_options = options
@@ -153,4 +197,17 @@ def compile_sharded(sharded: ShardedModule, *, backend: str = "inductor", dynami
     return _convert(sharded, {"backend": backend, "dynamic": dynamic, **options})
 
 
-__all__ = ["LoweredShardedModule", "compile_sharded", "lower_sharded"]
+def finish(sharded: ShardedModule, compile: bool | dict = False, lower: bool = False) -> ShardedModule:
+    """The last step of `autoshard()`: `compile=True` (or a dict of `torch.compile` options)
+    lowers and compiles, `lower=True` lowers eagerly; otherwise the DTensor module is returned,
+    ready for a user's `torch.compile(sharded)` (see `CompilableShardedModule`)."""
+    if compile:
+        return compile_sharded(sharded, **(compile if isinstance(compile, dict) else {}))
+    if lower:
+        return lower_sharded(sharded)
+    if type(sharded) is ShardedModule:
+        sharded.__class__ = CompilableShardedModule  # adds behaviour only under torch.compile
+    return sharded
+
+
+__all__ = ["CompilableShardedModule", "LoweredShardedModule", "compile_sharded", "finish", "lower_sharded"]
