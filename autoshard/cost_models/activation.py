@@ -46,6 +46,9 @@ class SavedTensor:
 @dataclass
 class SavedActivations:
     entries: list[SavedTensor] = field(default_factory=list)
+    # attention nodes: they run on their own placement (LocalAttention moves q, k, v to the heads
+    # it computes), so what they save is sized by that placement, not by their inputs'
+    attention: set[str] = field(default_factory=set)
 
     def total(self, variant_of: dict[str, str] | None = None) -> int:
         """Global bytes (tp = 1), counting each storage once; `variant_of`: loss node -> variant."""
@@ -86,6 +89,7 @@ class _Tracer(fx.Interpreter):
         self.entries: list[SavedTensor] = []
         self.variant = ""
         self.skip_owners: set[str] = set()
+        self.attention: set[str] = set()
 
     def pack(self, t: torch.Tensor):
         sid = t.untyped_storage()._cdata
@@ -118,6 +122,7 @@ class _Tracer(fx.Interpreter):
 
     def _attention(self, n: fx.Node):
         """The fused CPU kernel LocalAttention runs (flash: q, k, v, out, log-sum-exp saved)."""
+        self.attention.add(n.name)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         q, k, v, *rest = args
         mask = rest[0] if rest else kwargs.get("attn_mask")
@@ -176,4 +181,4 @@ def saved_activations(analysis: GraphAnalysis, device_type: str = "cpu") -> Save
             args.append(_materialise(n.meta.get("val"), analysis.roles[n.name] is Role.PARAM))
     with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
         tracer.run(*args)
-    return SavedActivations(tracer.entries)
+    return SavedActivations(tracer.entries, tracer.attention)

@@ -113,6 +113,8 @@ def activation_memory(saved: SavedActivations, sim, loss_parallel: set[str] = fr
     for e in saved.active(variants):
         own = e.consumer == e.producer or e.internal
         spec = before.get(e.producer, sim.specs.get(e.producer)) if own else sim.specs.get(e.producer)
+        if e.consumer in saved.attention:  # attention saves q, k, v as it runs them: on its heads
+            spec = sim.specs.get(e.consumer)
         if isinstance(spec, tuple):  # multi-output ops: their tensors share the op's layout
             spec = next((s for s in spec if isinstance(s, DTensorSpec)), None)
         key = (e.storage, _placement_key(spec))
