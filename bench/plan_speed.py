@@ -104,12 +104,13 @@ def machine() -> list[str]:
     import torch
     import transformers
 
-    return [f"- CPU: {cpu}, `nproc` = {os.cpu_count()}", f"- RAM: {mem / 2**20:.1f} GiB",
+    return [f"- CPU: {cpu}, `nproc` = {len(os.sched_getaffinity(0))}", f"- RAM: {mem / 2**20:.1f} GiB",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"]
 
 
 def load() -> str:
-    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+    """1, 5 and 15 minute load averages: above `nproc`, other jobs shared the CPUs."""
+    return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main(argv=None) -> int:
@@ -141,7 +142,9 @@ def main(argv=None) -> int:
     table = render(rows, args.repeats, load_before, load())
     print(table)
     if args.out:
-        args.out.write_text(table)
+        head = [f"# `autoshard plan` speed: Llama-3.1 at tp={TP}, {HARDWARE}, seq {SEQ}, batch 1", "",
+                "`python -m bench.plan_speed` on:", "", *machine(), f"- checkout: `{args.tree}`", ""]
+        args.out.write_text("\n".join(head) + "\n" + table)
     return 0
 
 

@@ -204,3 +204,14 @@ def _assert_experts_replicated_and_said(plan, text):
     assert "routing is computed identically on every rank (router replicated)" in text
     router = [p for f, p in plan.params.items() if f.endswith("mlp.gate.weight")]
     assert router and all(p.placement == "Replicate()" for p in router)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen3-moe"])
+def test_verify_plans_one_layer_more_and_agrees(name):
+    """verify=True: the 4-layer plan grown to 5 layers, and its estimate scaled to 5, equal a
+    real 5-layer plan (else it would fall back to planning in full and say why)."""
+    model = meta_model(name, num_hidden_layers=7)
+    with fake_mesh((2,), ("tp",)) as mesh:
+        result = plan_layers_once(model, mesh, inputs(16), hardware="h100", verify=True)
+    assert result.fallback == "" and result.captured_layers == 4
+    assert result.plan.estimate["scaled"]["n_layers"] == 7
