@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autoshard.ops.loss_parallel import _VocabParallelCrossEntropy
 
@@ -43,9 +44,9 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
 
 def _pad_dim0(x: torch.Tensor, to) -> torch.Tensor:
     extra = to - x.size(0)
-    # A symbolic `extra` is always padded (maybe by 0 rows): testing it for 0 would make
+    # A symbolic `extra` is padded (maybe by 0 rows) unless provably 0: testing it for 0 would make
     # torch.compile guard on `seq % tp == 0` and recompile when the parity of the length changes.
-    if not isinstance(extra, torch.SymInt) and extra == 0:
+    if statically_known_true(extra == 0):
         return x
     return F.pad(x, [0, 0] * (x.ndim - 1) + [0, extra])
 

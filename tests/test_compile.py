@@ -18,8 +18,8 @@ MODELS = ["tiny-llama", "tiny-qwen3"]
 AOT = {"backend": "aot_eager"}
 
 
-def _compare(sharded, ref, kw: dict) -> dict:
-    out, expect = sharded(**kw), ref(**kw)
+def _compare(sharded, ref, kw: dict, call=None) -> dict:
+    out, expect = (sharded if call is None else call)(**kw), ref(**kw)
     res = {"logits": (full(out.logits) - expect.logits).abs().max().item(),
            "loss": abs(full(out.loss).item() - expect.loss.item())}
     full(out.loss).backward()
@@ -121,7 +121,7 @@ def _user_compile(name: str) -> dict:
     sharded, ref, kw = _build(name, 7)
     sharded.compile_options = AOT       # what a user's torch.compile(sharded) lowers and compiles with
     compiled = torch.compile(sharded)
-    res = _compare(compiled, ref, kw)
+    res = _compare(sharded, ref, kw, call=compiled)
     res.update(kind=type(sharded).__name__, compiled=sharded._compile_options, notes=sharded.lowering_notes)
     return res
 
@@ -136,7 +136,9 @@ def test_user_torch_compile_of_the_sharded_module(ranks2):
 
 def _optimizer_step(name: str) -> dict:
     sharded, ref, kw = _build(name, 7, compile=AOT)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (sharded, ref)]
+    # Adam's first update is ~lr * sign(grad): an fp32 rounding difference in a gradient near 0
+    # moves that element by up to lr, so lr is kept at 1e-3 and the moments are compared too.
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (sharded, ref)]
     for m, opt in zip((sharded, ref), opts):
         out = m(**kw)
         full(out.loss).backward()
@@ -144,13 +146,15 @@ def _optimizer_step(name: str) -> dict:
         opt.zero_grad()
     ref_params = dict(ref.named_parameters())
     diff = max((full(p) - ref_params[n]).abs().max().item() for n, p in sharded.named_parameters())
+    moments = max((full(opts[0].state[p][k]) - opts[1].state[ref_params[n]][k]).abs().max().item()
+                  for n, p in sharded.named_parameters() for k in ("exp_avg", "exp_avg_sq"))
     after = _compare(sharded, ref, kw)  # the next step's forward and gradients agree too
-    return {"param_diff": diff, "after": after}
+    return {"param_diff": diff, "moments": moments, "after": after}
 
 
 def test_one_adamw_step_matches_unsharded(ranks2):
     for r in ranks2.run(_optimizer_step, "tiny-qwen3"):
-        assert r["param_diff"] < ATOL, r["param_diff"]
+        assert r["param_diff"] < ATOL and r["moments"] < ATOL, r
         _check(r["after"])
 
 
