@@ -32,7 +32,7 @@ def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_pa
     cpu-gloo on CPU meshes, h100-sxm otherwise). `memory_budget`: per-rank bytes, "24GiB",
     "device" or "none" (default: the smallest memory a legal plan reaches, the fastest there).
     """
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, device=tensor_parallel_mesh(mesh).device_type)
     chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget)[1]
     if strict:
         refuse_fallbacks(chosen, model, captured, sequence_parallel)
@@ -72,7 +72,7 @@ def autoshard(
     skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
     def build(inputs, fixed: Plan | None):
-        captured = capture(skeleton, inputs)                        # 1. torch.export on meta
+        captured = capture(skeleton, inputs, device=tp_mesh.device_type)  # 1. torch.export on fake tensors
         simulator, chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget)  # 2-4. analyse, label, choose
         if fixed is not None:
             check_plan_matches(fixed, chosen)

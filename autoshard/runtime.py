@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
@@ -138,6 +139,32 @@ class LocalMatmul(RuntimeOp):
 
     def extra_repr(self) -> str:
         return str(self.placement)
+
+
+class ReplicatedLocal(RuntimeOp):
+    """An op DTensor has no sharding rule for (a model's own custom op, e.g. transformers'
+    `grouped_mm_fallback` in MoE experts on CPU), run whole on every rank: DTensor operands are
+    made Replicate and unwrapped, tensor results wrapped back as Replicate. Each rank computes
+    the same values, so the local gradients are replicated too."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, *args, **kwargs):
+        meshes = [a.device_mesh for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, DTensor)]
+        if not meshes:
+            return self.target(*args, **kwargs)
+        mesh, whole = meshes[0], (Replicate(),) * meshes[0].ndim
+
+        def unwrap(a):
+            return a.redistribute(mesh, whole).to_local(grad_placements=whole) if isinstance(a, DTensor) else a
+
+        out = self.target(*pytree.tree_map(unwrap, args), **pytree.tree_map(unwrap, kwargs))
+        return pytree.tree_map(lambda t: DTensor.from_local(t, mesh, whole, run_check=False) if isinstance(t, torch.Tensor) else t, out)
+
+    def extra_repr(self) -> str:
+        return str(self.target)
 
 
 class VocabParallelLoss(RuntimeOp):

@@ -22,6 +22,7 @@ saving op sees it (after a boundary's redistribution for consumers of that bound
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -170,10 +171,32 @@ class _Tracer(fx.Interpreter):
         return out
 
 
+def _graph_on_meta(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose device arguments say meta: the graph was captured for the mesh's device
+    (`to(device="cpu")`, factory ops on it, in higher-order-op bodies too) and is traced on meta."""
+    gm = copy.deepcopy(gm)
+    for sub in gm.modules():
+        if isinstance(sub, fx.GraphModule):
+            for node in sub.graph.nodes:
+                node.args, node.kwargs = _on_meta(node.args), _on_meta(node.kwargs)
+            sub.recompile()
+    return gm
+
+
+def _on_meta(a):
+    if isinstance(a, torch.device):
+        return torch.device("meta")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_on_meta(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _on_meta(v) for k, v in a.items()}
+    return a
+
+
 def saved_activations(analysis: GraphAnalysis, device_type: str = "cpu") -> SavedActivations:
     """Trace the exported graph on meta tensors and list every tensor saved for backward, as the
     kernels of `device_type` save them."""
-    gm = analysis.captured.program.graph_module
+    gm = _graph_on_meta(analysis.captured.program.graph_module)
     tracer = _Tracer(gm, analysis, device_type)
     args = []
     for n in gm.graph.nodes:

@@ -157,13 +157,37 @@ def isolated_from_caller():
             setattr(nn_module, n, hooks)
 
 
-def capture(model: torch.nn.Module, example_inputs) -> Captured:
+def fake_skeleton(model: torch.nn.Module, device: str, mode) -> torch.nn.Module:
+    """A structural copy whose parameters and buffers are fake tensors of `mode` on `device`:
+    no memory, like `meta`, but code that branches on the device (transformers' MoE routing picks
+    a float `histc` on CPU and an int32 one elsewhere) traces the branch the mesh will run."""
+    memo: dict[int, Any] = {}
+    with mode:
+        for t in list(model.parameters()) + list(model.buffers()):
+            if id(t) not in memo:
+                fake = torch.empty(t.shape, dtype=t.dtype, device=device)
+                memo[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else fake
+    return copy.deepcopy(model, memo)
+
+
+def capture(model: torch.nn.Module, example_inputs, device: str = "meta") -> Captured:
+    """Export `model` on metadata only. `device`: the mesh's device type ("cpu", "cuda"), so the
+    graph is the one that device runs; "meta" when there is no mesh device to follow."""
     named = _hf_defaults(model, normalize_inputs(model, example_inputs))
     tensors = {k: v.to("meta") for k, v in named.items() if isinstance(v, torch.Tensor)}
     constants = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
-    kwargs = {**{k: tensors[k] if k in tensors else constants[k] for k in named}}
+    if device == "meta":
+        skeleton, traced = meta_skeleton(model), tensors
+    else:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        skeleton = fake_skeleton(model, device, mode)
+        with mode:
+            traced = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in tensors.items()}
+    kwargs = {**{k: traced[k] if k in traced else constants[k] for k in named}}
     dynamic = {k: ({d: Dim.AUTO for d in range(min(v.ndim, 2))} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
-    skeleton = meta_skeleton(model)
     if _TRAINING.get() is not None:
         skeleton.train(_TRAINING.get())
     try:

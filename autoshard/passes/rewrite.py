@@ -27,7 +27,7 @@ from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.passes.capture import Captured
 from autoshard.passes.propagate import PlacementSimulator
 from autoshard.plan import Plan, parse_placement
-from autoshard.runtime import LocalAttention, LocalMatmul, Redistribute, ToFull, ToReplicate, VocabParallelLoss
+from autoshard.runtime import LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
 
 aten = torch.ops.aten
 
@@ -88,6 +88,18 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
+    present = set(graph.nodes)
+    for name in sim.unsupported:  # ops DTensor cannot run at all: whole, on every rank
+        node = nodes.get(name)
+        if node not in present or node.op != "call_function" or isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        if node.target in ATTENTION_OPS or name in plan.loss_parallel:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_module(add_module(ReplicatedLocal(node.target), "replicated_local"), tuple(node.args), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
     for node in list(graph.nodes):  # batched matmuls the simulation runs on batch/head shards
         if node.op == "call_function" and node.target is aten.matmul.default:
             spec = sim.specs.get(node.name)
@@ -130,10 +142,12 @@ def _order(graph: fx.Graph, name: str) -> int:
 
 
 def _retarget_devices(graph: fx.Graph, device: torch.device) -> None:
-    """Capture ran on `meta`; factory ops recorded that device. Point them at the mesh's."""
+    """Capture ran on `meta` or fake tensors of the mesh's device type (fake CUDA tensors say
+    `cuda:0`); factory ops recorded that device. Point them at the mesh's, on this rank's current
+    device."""
 
     def fix(a):
-        if isinstance(a, torch.device) and a.type == "meta":
+        if isinstance(a, torch.device) and a.type in ("meta", device.type):
             return device
         if isinstance(a, (list, tuple)):
             return type(a)(fix(x) for x in a)
