@@ -292,3 +292,20 @@ def _dispatched(sim, node) -> bool:
         return False
     spec = sim.specs.get(node.name)
     return any(isinstance(s, DTensorSpec) for s in (spec if isinstance(spec, (tuple, list)) else [spec]))
+
+
+ASSUMPTIONS = ("forward + backward of one step at the example shape; Adam (2 fp32 moments); communication not "
+               "overlapped with compute; backward compute = 2x forward; compute includes the profile's eager "
+               "DTensor dispatch time per op (calibrated profiles)")
+
+
+def estimate_record(profile: HardwareProfile, tp: int, compute: float, comm: float, memory, communication: dict) -> dict:
+    """`plan.estimate`'s layout, whether priced on the whole graph or scaled from a few layers."""
+    return {
+        "hardware": profile.name,
+        "tp": tp,
+        "time_s": {"compute": compute, "communication": comm, "total": compute + comm},
+        "memory_bytes": memory.as_dict(),
+        "communication": communication,
+        "assumptions": ASSUMPTIONS,
+    }

@@ -30,7 +30,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement
 
 from autoshard.cost_models.activation import saved_activations
-from autoshard.cost_models.estimate import CommEvent, comm_events, compute_times, comm_summary
+from autoshard.cost_models.estimate import CommEvent, comm_events, compute_times, comm_summary, estimate_record
 from autoshard.cost_models.hardware import HardwareProfile, get_profile
 from autoshard.cost_models.memory import MemoryBreakdown, activation_memory, plan_memory, state_memory
 from autoshard.cost_models.strategies import LayoutCosts, Option, min_memory, solve
@@ -366,15 +366,7 @@ def estimate_plan(analysis, sim, plan: Plan, profile: HardwareProfile, tp: int, 
     compute = sum(compute_times(analysis, sim, profile).values())
     comm = sum(e.time(profile, tp) for e in events)
     mem = plan_memory(analysis, sim, saved, set(plan.loss_parallel))
-    return {
-        "hardware": profile.name,
-        "tp": tp,
-        "time_s": {"compute": compute, "communication": comm, "total": compute + comm},
-        "memory_bytes": mem.as_dict(),
-        "communication": comm_summary(events),
-        "assumptions": "forward + backward of one step at the example shape; Adam (2 fp32 moments); "
-                       "communication not overlapped with compute; backward compute = 2x forward; compute includes the profile's eager DTensor dispatch time per op (calibrated profiles)",
-    }
+    return estimate_record(profile, tp, compute, comm, mem, comm_summary(events))
 
 
 # ---- parameters -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from autoshard.cost_models.activation import SavedActivations, saved_activations
-from autoshard.cost_models.estimate import BUCKET_CAP_BYTES, CommEvent, comm_events, comm_summary, compute_times
+from autoshard.cost_models.estimate import BUCKET_CAP_BYTES, CommEvent, comm_events, comm_summary, compute_times, estimate_record
 from autoshard.cost_models.memory import MemoryBreakdown, activation_memory, state_memory, tensor_bytes
 from autoshard.passes.propagate import PlacementSimulator
 from autoshard.plan import Plan, parse_placement
@@ -60,12 +60,7 @@ def scaled_estimate(analysis, simulator: PlacementSimulator, plan: Plan, profile
     acts = activation_memory(saved, sim, set(plan.loss_parallel))
     mem.activations = sum(b * weight(n) for n, b in acts.items())
     return {
-        "hardware": profile.name,
-        "tp": tp,
-        "time_s": {"compute": compute, "communication": comm, "total": compute + comm},
-        "memory_bytes": mem.as_dict(),
-        "communication": _weighted_summary(per_node),
-        "assumptions": (plan.estimate or {}).get("assumptions", ""),
+        **estimate_record(profile, tp, compute, comm, mem, _weighted_summary(per_node)),
         "scaled": {"captured_layers": names.captured, "n_layers": names.n_layers, "template_layer": names.template,
                    "how": f"per-node costs of the {names.captured}-layer truncation, layer {names.template} counted "
                           f"{copies} times (layers {names.template}..{names.n_layers - 2}); gradient buckets repacked"},
