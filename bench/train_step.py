@@ -159,7 +159,11 @@ def _variant(variant: str, mesh, args, rank: int) -> dict:
 
         def fwd():
             with torch.no_grad(), ctx():
-                run(**ikw)
+                logits = run(**ikw).logits
+                # Inference needs the full logits (to sample): the hand plan's loss-parallel LM
+                # head leaves them vocab-sharded, autoshard returns them full; gather to compare.
+                if hasattr(logits, "full_tensor"):
+                    logits.full_tensor()
 
         try:
             row[name + "_s"], first = _time_steps(fwd, max(5, args.steps // 2), 2)
@@ -214,7 +218,7 @@ def report(rows: list[dict], machine_before: str, machine_after: str, args) -> s
     cfg = ", ".join(f"{k}={v}" for k, v in CONFIG[1].items())
     lines = ["# Training step: autoshard vs the hand-written Megatron TP+SP plan (gloo, world size 2)", "",
              f"Model: {CONFIG[0]} with {cfg}; batch {BATCH} x seq {SEQ}, fp32, labels (loss parallel in both). "
-             f"Compile backend: {args.backend}. Median of {args.steps} steps after 3 warm-up, barriers around each step.", "",
+             f"Compile backend: {args.backend}, {'warm' if args.warm_cache else 'cold (fresh)'} inductor cache. Median of {args.steps} steps after 3 warm-up, barriers around each step.", "",
              f"Machine before: {machine_before}", f"Machine after: {machine_after}", "",
              "## Training step (forward + backward + AdamW)", "",
              "| variant | step (median) | vs hand, same mode | compile (first step - median) | collectives per step (eager path) |",
@@ -229,7 +233,7 @@ def report(rows: list[dict], machine_before: str, machine_after: str, args) -> s
             lines.append(f"| {v} | failed: {r['error']} | - | - | - |")
             continue
         lines.append(f"| {v} | {_ms(r.get('step_s'))} | {ratio} | {r.get('compile_s', 0):.1f} s | {_comms(r.get('comms'))} |")
-    lines += ["", "## Inference (forward only, no KV cache)", "",
+    lines += ["", "## Inference (forward only, no KV cache; full logits out: the hand plan's vocab-sharded logits are gathered)", "",
               f"| variant | decode (batch {BATCH} x seq 1) | prefill (1 x {PREFILL}) | vs hand (decode / prefill) | collectives (decode; prefill) |",
               "|---|---|---|---|---|"]
     for v in VARIANTS:
@@ -259,7 +263,13 @@ def main() -> int:
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--out", default="bench/results/train_step.md")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="reuse inductor's on-disk cache (default: a fresh one, so compile times are cold)")
     args = ap.parse_args()
+    if not args.warm_cache:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     before = _machine()
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
