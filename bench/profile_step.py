@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from bench.train_step import BATCH, SEQ, CONFIG, _build, _free_port, _ids, _loss, _machine
 
-VARIANTS = ["hand eager", "autoshard eager", "autoshard lowered", "autoshard compiled"]
+VARIANTS = ["hand eager", "hand compiled", "autoshard eager", "autoshard lowered", "autoshard compiled"]
 GROUPS = {  # profiler op name prefix -> group (first match wins)
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul",
     "_c10d_functional::wait_tensor": "collectives (wait)", "c10d::": "collectives (wait)",
