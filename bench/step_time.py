@@ -114,7 +114,8 @@ def main() -> int:
         lines.append(f"| {r['model']} | {r['batch']}x{r['seq']} | {r['stream']} | {p['total'] * 1e3:.1f} ms "
                      f"({p['compute'] * 1e3:.1f} + {p['communication'] * 1e3:.1f}) | {r['measured_s'] * 1e3:.1f} ms | {err:+.0%} | {r['optimizer_s'] * 1e3:.1f} ms |")
     prof = json.loads(profile.read_text())
-    lines += ["", f"DTensor dispatch per op (calibrated): {prof['dispatch_overhead_s'] * 1e6:.0f} us; "
+    lines += ["", f"DTensor dispatch per op (calibrated): {prof['dispatch_overhead_s'] * 1e6:.0f} us forward, "
+              f"{(prof.get('dispatch_backward_s') or prof['dispatch_overhead_s']) * 1e6:.0f} us backward; "
               f"all_reduce alpha {prof['intra_node']['per_kind']['all_reduce'][0] * 1e6:.0f} us.",
               "", "The profile: " + prof.get("notes", "")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ def _decisions() -> dict:
     except PlanError as e:
         out["impossible"] = (str(e), sharded.estimate["budget"]["smallest_feasible_bytes"])
     out["explain"] = sharded.explain("model.layers.0.mlp")
-    costly = [autoshard.plan(tiny, mesh, ids(8), hardware=dataclasses.replace(_slow_link(), dispatch_overhead_s=d)) for d in (1e-3, 2e-3)]
+    costly = [autoshard.plan(tiny, mesh, ids(8), hardware=dataclasses.replace(_slow_link(), dispatch_overhead_s=d, dispatch_backward_s=b))
+              for d, b in ((1e-3, None), (2e-3, None), (1e-3, 0.0))]
     out["dispatch"] = [sharded.estimate["time_s"]["compute"]] + [p.estimate["time_s"]["compute"] for p in costly]
     out["dispatch same plan"] = all(_strategies(p) == _strategies(sharded) and p.stream == sharded.stream for p in costly)
     out["estimate"] = sharded.estimate
@@ -109,10 +110,15 @@ def test_explain_lists_every_candidate_with_time_memory_and_verdict(decisions):
 
 
 def test_eager_dispatch_overhead_is_paid_per_op_and_does_not_change_the_plan(decisions):
-    base, one_ms, two_ms = decisions["dispatch"]
+    base, one_ms, two_ms, forward_only = decisions["dispatch"]
     ops = (one_ms - base) / 1e-3  # forward ops + backward ops that go through DTensor dispatch
     assert ops > 50 and ops == pytest.approx(round(ops), abs=1e-6)
     assert two_ms - base == pytest.approx(2 * (one_ms - base))
+    # a profile that measured the backward apart (dispatch_backward_s) prices it apart: with a free
+    # backward only the forward ops pay, and the backward ops are those that need gradients
+    forward_ops = (forward_only - base) / 1e-3
+    assert forward_ops == pytest.approx(round(forward_ops), abs=1e-6)
+    assert 0 < ops - forward_ops < forward_ops
     assert decisions["dispatch same plan"]
 
 

@@ -43,7 +43,8 @@ class Measurements:
     matmul_flops: dict[str, float] = field(default_factory=dict)  # dtype -> best FLOP/s
     mem_bw: float = 0.0
     launch_s: float = 0.0
-    dispatch_s: float = 0.0
+    dispatch_s: float = 0.0            # eager DTensor host time per op, forward
+    dispatch_backward_s: float = 0.0   # ... and for that op's backward
 
 
 # -- collectives (runs in each rank process) -----------------------------------------------------
@@ -92,7 +93,7 @@ def _rank_main(rank: int, world_size: int, port: int, sizes: list[int], reps: in
                 # A collective ends when its slowest rank does (nccl-tests reports the same way).
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
                 out[kind].append((numel * 4, statistics.median(times.tolist())))
-        dispatch = _dtensor_dispatch_seconds(world_size)
+        dispatch = _dtensor_dispatch_seconds(world_size)  # (forward, backward)
         if rank == 0:
             results.put(("ok", (out, dispatch)))
         dist.barrier()
@@ -107,8 +108,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure_collectives(world_size: int, sizes: list[int], reps: int) -> tuple[dict[str, list[tuple[int, float]]], float]:
-    """(collective timings per kind, DTensor dispatch seconds per op), from `world_size` ranks."""
+def measure_collectives(world_size: int, sizes: list[int], reps: int) -> tuple[dict[str, list[tuple[int, float]]], tuple[float, float]]:
+    """(collective timings per kind, DTensor dispatch seconds per op (forward, backward)), from
+    `world_size` ranks."""
     import queue
 
     import torch.multiprocessing as mp
@@ -172,25 +174,43 @@ def fit_alpha_busbw(kind: str, n: int, points: list[tuple[int, float]]) -> tuple
 
 
 # -- compute (runs in the parent, with the world already gone) ----------------------------------
-def _dtensor_dispatch_seconds(world_size: int, iters: int = 300) -> float:
-    """Median host time of a tiny eager DTensor op (sharding propagation + wrapping): eager
-    autoshard pays it on every op of its graph, forward and backward."""
+def _dtensor_dispatch_seconds(world_size: int, chain: int = 50, reps: int = 30) -> tuple[float, float]:
+    """(forward, backward) host time of one eager DTensor op beyond the same op on plain tensors.
+
+    A chain of `y = y * w` on tiny tensors that require grad, as a training step runs them:
+    forward records autograd and propagates shardings; backward runs the autograd engine and
+    two DTensor ops per mul (the gradient of both inputs). Eager autoshard pays both per op."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
-    x = distribute_tensor(torch.ones(world_size, 8), mesh, [Shard(0)])
-    y = distribute_tensor(torch.ones(world_size, 8), mesh, [Shard(0)])
-    plain = torch.ones(1, 8)
-    for _ in range(20):  # warm the sharding-propagation cache, as a training loop does
-        x + y
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        x + y
-        times.append(time.perf_counter() - t0)
-    kernel = _best_time(lambda: plain + plain)
-    return max(0.0, statistics.median(times) - kernel)
+
+    def per_op(dtensor: bool, backward: bool) -> float:
+        def leaf():
+            t = torch.ones(world_size * 2, 8)
+            return (distribute_tensor(t, mesh, [Shard(0)]) if dtensor else t[:2]).requires_grad_()
+
+        x, w = leaf(), leaf()
+
+        def run():
+            y = x
+            for _ in range(chain):
+                y = y * w
+            if backward:
+                y.sum().backward()
+
+        for _ in range(5):  # warm the sharding-propagation cache, as a training loop does
+            run()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) / chain
+
+    fwd = per_op(True, False) - per_op(False, False)
+    bwd = (per_op(True, True) - per_op(True, False)) - (per_op(False, True) - per_op(False, False))
+    return max(0.0, fwd), max(0.0, bwd)
 
 
 def _best_time(fn, min_reps: int = 3, budget_s: float = 0.3) -> float:
@@ -253,7 +273,8 @@ def format_table(m: Measurements) -> str:
         lines.append(f"  matmul {dtype:<9} {f / 1e9:9.2f} GFLOP/s")
     lines.append(f"  copy bandwidth   {m.mem_bw / 1e9:9.2f} GB/s")
     lines.append(f"  per-op overhead  {m.launch_s * 1e6:9.2f} us")
-    lines.append(f"  DTensor dispatch {m.dispatch_s * 1e6:9.2f} us per op (beyond the kernel)")
+    lines.append(f"  DTensor dispatch {m.dispatch_s * 1e6:9.2f} us per op forward, "
+                 f"{m.dispatch_backward_s * 1e6:.2f} us its backward (beyond plain tensors)")
     return "\n".join(lines)
 
 
@@ -276,7 +297,7 @@ def run_calibration(world_size: int = 2, sizes: list[int] | None = None, reps: i
     if len(sizes) < 2:
         raise ValueError("need at least two message sizes to fit alpha and busbw")
     m = Measurements(world_size=world_size, threads_per_rank=_threads_per_rank(world_size))
-    m.comm, m.dispatch_s = measure_collectives(world_size, sizes, reps)
+    m.comm, (m.dispatch_s, m.dispatch_backward_s) = measure_collectives(world_size, sizes, reps)
     m.fits = {kind: fit_alpha_busbw(kind, world_size, pts) for kind, pts in m.comm.items()}
     measure_compute(m, quick)
     if verbose:
@@ -295,6 +316,7 @@ def run_calibration(world_size: int = 2, sizes: list[int] | None = None, reps: i
         efficiency=1.0,  # the peaks are measured best achieved rates, not datasheet numbers
         launch_overhead_s=m.launch_s,
         dispatch_overhead_s=m.dispatch_s,
+        dispatch_backward_s=m.dispatch_backward_s,
         intra_node=link,
         inter_node=link,  # every rank is on this host; there is no second node to measure
         devices_per_node=max(world_size, cpu),

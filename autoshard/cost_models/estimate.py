@@ -279,8 +279,11 @@ def compute_times(analysis: GraphAnalysis, sim, profile: HardwareProfile, nodes=
         t, _, _ = node_compute(analysis, sim, node, profile)
         t *= 1.0 + (BACKWARD_FACTOR if node.name in grads else 0.0)
         if profile.dispatch_overhead_s and _dispatched(sim, node):
-            # host time of eager DTensor dispatch, views included: one op forward, one backward
-            t += profile.dispatch_overhead_s * (2.0 if node.name in grads else 1.0)
+            # host time of eager DTensor dispatch, views included: the op forward, its backward
+            t += profile.dispatch_overhead_s
+            if node.name in grads:
+                bwd = profile.dispatch_backward_s
+                t += profile.dispatch_overhead_s if bwd is None else bwd
         if t:
             out[node.name] = t
     return out

@@ -70,6 +70,9 @@ class HardwareProfile:
     # bounds small models in eager mode. Measured by `autoshard calibrate`; 0 = not modelled (the
     # built-in GPU profiles, whose datasheets say nothing about the host).
     dispatch_overhead_s: float = 0.0
+    # The same for that op's backward (autograd engine + the DTensor ops of its gradients), which
+    # costs several times the forward; None (profiles written before it was measured): as forward.
+    dispatch_backward_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:
@@ -121,6 +124,7 @@ class HardwareProfile:
             devices_per_node=int(d["devices_per_node"]),
             notes=d.get("notes", ""),
             dispatch_overhead_s=float(d.get("dispatch_overhead_s", 0.0)),
+            dispatch_backward_s=None if d.get("dispatch_backward_s") is None else float(d["dispatch_backward_s"]),
         )
 
     @classmethod
