@@ -30,7 +30,7 @@ ARCHS = {
 }
 
 
-def _shard_and_compare(arch: str) -> dict:
+def _shard_and_compare(arch: str, **options) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import autoshard
@@ -39,7 +39,7 @@ def _shard_and_compare(arch: str) -> dict:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **ARCHS[arch])).train()
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    sharded = autoshard.autoshard(model, tp_mesh(), example_inputs={"input_ids": ids, "labels": ids})
+    sharded = autoshard.autoshard(model, tp_mesh(), example_inputs={"input_ids": ids, "labels": ids}, **options)
     out, expect = sharded(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids, use_cache=False)
     full(out.loss).backward()
     expect.loss.backward()
@@ -49,6 +49,7 @@ def _shard_and_compare(arch: str) -> dict:
         "loss": abs(full(out.loss).item() - expect.loss.item()),
         "grads": grads, "missing": missing,
         "sharded": sorted(f for f, p in sharded.plan.params.items() if p.placement.startswith("Shard")),
+        "kind": type(sharded).__name__, "lowering_notes": getattr(sharded, "lowering_notes", None),
     }
 
 
@@ -57,3 +58,12 @@ def test_architecture_matches_unsharded(ranks2, arch):
     for r in ranks2.run(_shard_and_compare, arch):
         assert r["logits"] < ATOL and r["loss"] < ATOL and r["grads"] < ATOL and not r["missing"], r
         assert r["sharded"], "something should shard: every family has an MLP or attention that splits over 2"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architecture_lowers_to_local_tensors_exactly(ranks2, arch):
+    # the compile path: every family lowers whole (GPT-2's and Qwen3-MoE's ops that run whole on
+    # every rank included: they become the plain op on the replicated local tensors)
+    for r in ranks2.run(_shard_and_compare, arch, lower=True):
+        assert r["logits"] < ATOL and r["loss"] < ATOL and r["grads"] < ATOL and not r["missing"], r
+        assert r["kind"] == "LoweredShardedModule" and r["lowering_notes"] == [], r["lowering_notes"]

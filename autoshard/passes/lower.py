@@ -147,6 +147,11 @@ class _Lowering:
             return self._norm(mod.placement, node.args[0]) if src is not None else None
         if isinstance(mod, runtime.VocabParallelLoss):
             return R
+        if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results
+            val = node.meta.get("val")
+            if isinstance(val, (tuple, list)):
+                return tuple(R if isinstance(v, torch.Tensor) else None for v in val)
+            return R if isinstance(val, torch.Tensor) else None
         raise LoweringError(f"unknown runtime module {type(mod).__name__} at {node.name}")
 
     @staticmethod
@@ -160,7 +165,9 @@ class _Lowering:
         return Shard(p.dim % ndim) if ndim and p.dim < 0 else Shard(p.dim)
 
     def _val(self, node: fx.Node):
-        if node.op == "call_module":  # runtime modules keep their input's global shape
+        if node.op == "call_module" and "val" in node.meta:  # an op run whole (ReplicatedLocal)
+            return node.meta["val"]
+        if node.op == "call_module":  # the other runtime modules keep their input's global shape
             return self._val(node.args[0])
         if node.op == "call_function" and node.target in (rt.shard_local, rt.partition_value):
             return self._val(node.args[0])
@@ -198,6 +205,11 @@ class _Lowering:
         elif isinstance(mod, runtime.LocalMatmul) and self.pl[node] is not None:
             for a in node.args[:2]:
                 self._convert(node, a, self.pl[node])
+        elif isinstance(mod, runtime.ReplicatedLocal):
+            for a in node.all_input_nodes:
+                if self.pl.get(a) not in (None, R):  # DTensor would gather it inside the module
+                    raise LoweringError(f"{node.name} runs {mod.target} whole on every rank but its input {a.name} "
+                                        f"is {self.pl.get(a)}: the gather inside it is not lowered")
 
     def _convert(self, user: fx.Node, src: fx.Node, want: Placement):
         have = self.pl.get(src)
@@ -370,6 +382,8 @@ class _Lowering:
             self._replace(node, F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask, **mod.sdpa_kwargs})
         elif isinstance(mod, runtime.LocalMatmul):
             self._replace(node, torch.matmul, node.args[:2])
+        elif isinstance(mod, runtime.ReplicatedLocal):
+            self._replace(node, mod.target, node.args, dict(node.kwargs))
         elif isinstance(mod, runtime.VocabParallelLoss):
             self._rewrite_loss(node, mod)
 

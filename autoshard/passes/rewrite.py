@@ -97,6 +97,7 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
             continue
         with graph.inserting_before(node):
             new = graph.call_module(add_module(ReplicatedLocal(node.target), "replicated_local"), tuple(node.args), dict(node.kwargs))
+        new.meta = dict(node.meta)  # the same value as the op it runs (the lowering reads its shape)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
