@@ -1,6 +1,7 @@
 """Property: for any decoder config, tp, batch and sequence, autoshard either computes what the
 unsharded model computes (logits, loss and every gradient) or refuses with PlanError at plan
-time — never a runtime crash, never a mismatch.
+time — never a runtime crash, never a mismatch. Half the examples run the lowered program (the
+compile path: local tensors, explicit collectives) instead of DTensors.
 
 Default run: a handful of derandomized examples per tp. `pytest -m slow tests/test_fuzz.py`
 runs AUTOSHARD_FUZZ_EXAMPLES (default 500) in all and prints the outcome counts.
@@ -20,6 +21,7 @@ from tests.helpers import full, max_grad_diff, tiny_model, tp_mesh
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 OUTCOMES: collections.Counter = collections.Counter()
+LOWERING: collections.Counter = collections.Counter()  # of the examples that asked for lower=True
 
 
 @st.composite
@@ -34,7 +36,7 @@ def cases(draw):
     }
     return {
         "family": draw(st.sampled_from(FAMILIES)), "cfg": cfg, "batch": draw(st.integers(1, 3)), "seq": draw(st.integers(1, 12)),
-        "labels": draw(st.booleans()),
+        "labels": draw(st.booleans()), "lower": draw(st.booleans()),
     }
 
 
@@ -53,7 +55,7 @@ def _run_case(case: dict) -> dict:
     if case["labels"]:
         kw["labels"] = torch.randint(0, case["cfg"]["vocab_size"], (case["batch"], case["seq"]), generator=g)
     try:
-        sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw)
+        sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw, lower=case.get("lower", False))
     except PlanError as e:
         return {"outcome": "refused", "why": str(e)[:300]}
     out, expect = sharded(**kw), ref(**kw, use_cache=False)
@@ -66,7 +68,8 @@ def _run_case(case: dict) -> dict:
         expect.logits.float().pow(2).mean().backward()
     grads, missing = max_grad_diff(sharded, ref)
     return {"outcome": "equal" if logits < 1e-4 and grads < 1e-4 and not missing else "mismatch",
-            "logits": logits, "grads": grads, "missing": missing, "stream": sharded.plan.stream}
+            "logits": logits, "grads": grads, "missing": missing, "stream": sharded.plan.stream,
+            "not_lowered": bool(getattr(sharded, "lowering_notes", None)), "why": " ".join(getattr(sharded, "lowering_notes", []))}
 
 
 def _check(pool, case) -> None:
@@ -75,6 +78,8 @@ def _check(pool, case) -> None:
     outcomes = {r["outcome"] for r in results}
     assert len(outcomes) == 1, results  # every rank reached the same verdict
     OUTCOMES[outcomes.pop()] += 1
+    if case.get("lower"):
+        LOWERING["lowered" if not results[0].get("not_lowered") else "fell back to DTensors"] += 1
     _log(f"{pool.world_size} {results[0]['outcome']} {case} {results[0].get('why', '')[:120]!r}")
     assert results[0]["outcome"] in ("equal", "refused"), (case, results[0])
 
@@ -120,4 +125,4 @@ def test_fuzz_many_tp4(ranks4, case):
 
 def teardown_module(module):
     if OUTCOMES:
-        print(f"\nfuzz outcomes: {dict(OUTCOMES)} ({sum(OUTCOMES.values())} examples)")
+        print(f"\nfuzz outcomes: {dict(OUTCOMES)} ({sum(OUTCOMES.values())} examples); lower=True: {dict(LOWERING)}")
