@@ -11,6 +11,7 @@ already knows every node's placement, so each node can run on its local shard di
 - ops whose arguments spell a size (view, reshape, expand) get the sharded dim as `-1` (its local
   size), `sym_size` of a sharded dim becomes the global size, computed from the inputs;
 - the vocab-parallel embedding, attention, batched matmuls and the loss run as local functions;
+  ops DTensor has no rule for (`ReplicatedLocal`) run as the plain op on replicated values;
 - placeholders stay in export order: the caller passes `param.to_local()` (with the gradient
   placement this pass found: `Partial` for replicated parameters used on shards, so their
   gradient is summed once after backward) and the user inputs unchanged.
