@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 from autoshard.passes.analyse import ATTENTION_OPS, GraphAnalysis, Role
+from autoshard.passes.capture import retarget_devices
 
 aten = torch.ops.aten
 
@@ -175,22 +176,8 @@ def _graph_on_meta(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose device arguments say meta: the graph was captured for the mesh's device
     (`to(device="cpu")`, factory ops on it, in higher-order-op bodies too) and is traced on meta."""
     gm = copy.deepcopy(gm)
-    for sub in gm.modules():
-        if isinstance(sub, fx.GraphModule):
-            for node in sub.graph.nodes:
-                node.args, node.kwargs = _on_meta(node.args), _on_meta(node.kwargs)
-            sub.recompile()
+    retarget_devices(gm, torch.device("meta"))
     return gm
-
-
-def _on_meta(a):
-    if isinstance(a, torch.device):
-        return torch.device("meta")
-    if isinstance(a, (list, tuple)):
-        return type(a)(_on_meta(x) for x in a)
-    if isinstance(a, dict):
-        return {k: _on_meta(v) for k, v in a.items()}
-    return a
 
 
 def saved_activations(analysis: GraphAnalysis, device_type: str = "cpu") -> SavedActivations:

@@ -170,6 +170,21 @@ def fake_skeleton(model: torch.nn.Module, device: str, mode) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def retarget_devices(gm: torch.fx.GraphModule, to: torch.device, only: tuple[str, ...] | None = None) -> None:
+    """Point the devices the capture recorded in `gm`'s graph and its higher-order-op bodies
+    (factory ops, `to(device=...)`) at `to`: every device, or those whose type is in `only`."""
+    from torch.fx.node import map_aggregate
+
+    def fix(a):
+        return to if isinstance(a, torch.device) and (only is None or a.type in only) else a
+
+    for sub in gm.modules():
+        if isinstance(sub, torch.fx.GraphModule):
+            for node in sub.graph.nodes:
+                node.args, node.kwargs = map_aggregate(node.args, fix), map_aggregate(node.kwargs, fix)
+            sub.recompile()
+
+
 def capture(model: torch.nn.Module, example_inputs, device: str = "meta") -> Captured:
     """Export `model` on metadata only. `device`: the mesh's device type ("cpu", "cuda"), so the
     graph is the one that device runs; "meta" when there is no mesh device to follow."""

@@ -24,7 +24,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.errors import PlanError
 from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
-from autoshard.passes.capture import Captured
+from autoshard.passes.capture import Captured, retarget_devices
 from autoshard.passes.propagate import PlacementSimulator
 from autoshard.plan import Plan, parse_placement
 from autoshard.runtime import LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
@@ -52,8 +52,10 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
             for node in list(sub.graph.nodes):
                 if node.op == "call_function" and node.target in ASSERT_OPS:
                     sub.graph.erase_node(node)
-            _retarget_devices(sub.graph, torch.device(mesh.device_type))
-            sub.recompile()
+    # capture ran on meta or on fake tensors of the mesh's device type (fake CUDA tensors say
+    # `cuda:0`): point factory ops at the mesh's device, on this rank's current device
+    device = torch.device(mesh.device_type)
+    retarget_devices(gm, device, only=("meta", device.type))  # recompiles every graph
 
     # plain tensors meeting DTensors
     promoted: dict[str, fx.Node] = {}
@@ -140,23 +142,6 @@ def _order(graph: fx.Graph, name: str) -> int:
         if n.name == name:
             return i
     return -1
-
-
-def _retarget_devices(graph: fx.Graph, device: torch.device) -> None:
-    """Capture ran on `meta` or fake tensors of the mesh's device type (fake CUDA tensors say
-    `cuda:0`); factory ops recorded that device. Point them at the mesh's, on this rank's current
-    device."""
-
-    def fix(a):
-        if isinstance(a, torch.device) and a.type in ("meta", device.type):
-            return device
-        if isinstance(a, (list, tuple)):
-            return type(a)(fix(x) for x in a)
-        return a
-
-    for node in graph.nodes:
-        node.args = fix(node.args)
-        node.kwargs = {k: fix(v) for k, v in node.kwargs.items()}
 
 
 def _reject_mutations(captured: Captured) -> None:
