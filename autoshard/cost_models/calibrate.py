@@ -208,8 +208,9 @@ def _dtensor_dispatch_seconds(world_size: int, chain: int = 50, reps: int = 30) 
             times.append(time.perf_counter() - t0)
         return statistics.median(times) / chain
 
-    fwd = per_op(True, False) - per_op(False, False)
-    bwd = (per_op(True, True) - per_op(True, False)) - (per_op(False, True) - per_op(False, False))
+    t = {(dtensor, backward): per_op(dtensor, backward) for dtensor in (True, False) for backward in (False, True)}
+    fwd = t[True, False] - t[False, False]
+    bwd = (t[True, True] - t[True, False]) - (t[False, True] - t[False, False])
     return max(0.0, fwd), max(0.0, bwd)
 
 
