@@ -55,6 +55,16 @@ SIZE_FACTORIES = {aten.new_empty.default, aten.new_full.default, aten.new_ones.d
 COLLECTIVES = (rt.all_gather, rt.reduce_scatter, rt.all_reduce, rt.reduce_grad)
 
 
+def _embedding_args(node: fx.Node) -> tuple:
+    """`aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)`,
+    every argument named or not."""
+    names = ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse")
+    values = dict(zip(names, (None, None, -1, False, False)))
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    return tuple(values[n] for n in names)
+
+
 class LoweringError(PlanError):
     """The DTensor program has something the local lowering cannot express exactly."""
 
@@ -410,10 +420,12 @@ class _Lowering:
             enabled, fn, *args = node.args
             self._replace(node, rt.run_with_grad_enabled, (enabled, fn, *args))
         elif t is aten.embedding.default and self.pl.get(node.args[0]) == Shard(0):
-            weight, ids = node.args[:2]
+            weight, ids, padding_idx, scale_grad_by_freq, sparse = _embedding_args(node)
+            if sparse:
+                raise LoweringError(f"{node.name}: a sparse-gradient embedding is not lowered")
             rows = int(self._val(weight).shape[0])
             start = min(self.rank * rt._ceil_div(rows, self.tp), rows)
-            self._replace(node, rt.vocab_parallel_embedding, (weight, ids, start))
+            self._replace(node, rt.vocab_parallel_embedding, (weight, ids, start, padding_idx, scale_grad_by_freq))
         elif t in (aten.sym_size.int,):
             x, d = node.args
             p = self.pl.get(x)
