@@ -71,9 +71,9 @@ def autoshard(
     fsdp_options = resolve_fsdp(mesh, fsdp)
     skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
-    def build(inputs, fixed: Plan | None):
+    def build(inputs, fixed: Plan | None, pinned: dict[str, str] | None = None):
         captured = capture(skeleton, inputs, device=tp_mesh.device_type)  # 1. torch.export on fake tensors
-        simulator, chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget)  # 2-4. analyse, label, choose
+        simulator, chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget, pinned)  # 2-4. analyse, label, choose
         if fixed is not None:
             check_plan_matches(fixed, chosen)
             chosen = fixed
@@ -84,7 +84,9 @@ def autoshard(
     agree_across_ranks(chosen, tp_mesh)
     if strict:
         refuse_fallbacks(chosen, model, captured, sequence_parallel)
-    sharded = ShardedModule(model, mesh, replan=lambda named: build(named, None))
+    # a call with other inputs is planned again, its parameters staying where they already are
+    placed = {f: p.placement for f, p in chosen.params.items()}
+    sharded = ShardedModule(model, mesh, replan=lambda named: build(named, None, placed))
     distribute_parameters(model, sharded, chosen, captured, tp_mesh)
     sharded.add_program(captured, chosen, graph)
     if fsdp_options is not None:
@@ -92,18 +94,19 @@ def autoshard(
     return finish(sharded, compile, lower)                          # 7. lower + torch.compile
 
 
-def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware=None, memory_budget=None):
+def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware=None, memory_budget=None, pinned=None):
     # Planning simulates placements on fake tensors: a plan depends on the model and mesh only,
     # not on a CommDebugMode or FlopCounterMode the caller has active.
     with isolated_from_caller():
-        return _plan_passes(captured, mesh, sequence_parallel, hardware, memory_budget)
+        return _plan_passes(captured, mesh, sequence_parallel, hardware, memory_budget, pinned)
 
 
-def _plan_passes(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware, memory_budget):
+def _plan_passes(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware, memory_budget, pinned=None):
     analysis = analyse(captured)
     simulator = PlacementSimulator(analysis, tensor_parallel_mesh(mesh))
     labels = label(analysis, simulator)
-    return simulator, choose(labels, simulator, mesh_info(mesh), sequence_parallel, hardware=hardware, memory_budget=memory_budget)
+    return simulator, choose(labels, simulator, mesh_info(mesh), sequence_parallel, hardware=hardware, memory_budget=memory_budget,
+                             pinned=pinned)
 
 
 __all__ = ["autoshard", "plan", "Plan", "PlanError"]

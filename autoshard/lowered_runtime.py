@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from autoshard.ops.layout import dense_in_order
 from autoshard.ops.loss_parallel import _VocabParallelCrossEntropy
 
 _c10d = torch.ops._c10d_functional
@@ -208,6 +209,13 @@ def vocab_parallel_embedding(weight, ids, vocab_start: int, padding_idx: int = -
     pad = padding_idx - vocab_start if padding_idx >= 0 and vocab_start <= padding_idx < vocab_start + rows else -1
     out = torch.ops.aten.embedding.default(weight, local.masked_fill(outside, pad if pad >= 0 else 0), pad, scale_grad_by_freq)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def attention(q, k, v, attn_mask, layout: tuple[int, ...] | None, **sdpa_kwargs):
+    """SDPA on this rank's heads (or batch rows), its output in the layout the graph was captured
+    with (`autoshard.ops.layout`: a later `view` may rely on it)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **sdpa_kwargs)
+    return dense_in_order(out, layout)
 
 
 def vocab_parallel_loss(logits, target, vocab_start: int, vocab_size: int, group: str,

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement
 
+from autoshard.ops.layout import dense_in_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
 
@@ -91,13 +92,13 @@ class LocalAttention(RuntimeOp):
     per batch row, so the region runs on local shards via `local_map`; its autograd is local too.
     """
 
-    def __init__(self, placement: Placement, sdpa_kwargs: dict):
+    def __init__(self, placement: Placement, sdpa_kwargs: dict, layout: tuple[int, ...] | None = None):
         super().__init__()
-        self.placement, self.sdpa_kwargs = placement, dict(sdpa_kwargs)
+        self.placement, self.sdpa_kwargs, self.layout = placement, dict(sdpa_kwargs), layout
 
     def forward(self, q, k, v, attn_mask=None):
         if not isinstance(q, DTensor):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kwargs)
+            return self._local(q, k, v, attn_mask)
         p = self.placement
         mask_p = None
         if isinstance(attn_mask, DTensor):
@@ -111,12 +112,12 @@ class LocalAttention(RuntimeOp):
 
     def _local(self, q, k, v, attn_mask):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kwargs)
-        # CPU flash attention returns a transposed layout; DTensor derives global strides from the
-        # local ones, and a later `view` then fails. A dense local result keeps them consistent.
-        return out.contiguous()
+        # The graph after attention was captured for the output's layout (`layout`: dims outermost
+        # first); a dense result in it also keeps DTensor's global strides consistent with the local ones.
+        return dense_in_order(out, self.layout)
 
     def extra_repr(self) -> str:
-        return f"{self.placement}, {self.sdpa_kwargs}"
+        return f"{self.placement}, {self.sdpa_kwargs}, layout={self.layout}"
 
 
 class LocalMatmul(RuntimeOp):

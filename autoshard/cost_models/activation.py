@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from autoshard.ops.layout import dense_in_order, stride_order
 from autoshard.passes.analyse import ATTENTION_OPS, GraphAnalysis, Role
 from autoshard.passes.capture import retarget_devices
 
@@ -107,7 +108,8 @@ class _Tracer(fx.Interpreter):
     def run_node(self, n: fx.Node):
         self.current = n.name
         if n.op == "call_function" and n.target in ATTENTION_OPS:
-            out = self._attention(n)
+            val = n.meta.get("val")  # as LocalAttention runs it: in the captured layout
+            out = dense_in_order(self._attention(n), stride_order(val) if isinstance(val, torch.Tensor) else None)
         elif n.op == "call_function" and n.target is aten.dropout.default and self.device_type == "cuda":
             out = self._fused_dropout(n)
         elif n.op == "call_function" and n.target is aten.cross_entropy_loss.default:
@@ -141,7 +143,7 @@ class _Tracer(fx.Interpreter):
             out = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, attn_mask=mask, scale=scale)[0]
         except Exception:  # noqa: BLE001 - no meta kernel for this shape: trace what the graph says
             return super().run_node(n)
-        return out.contiguous()  # as LocalAttention: a dense copy of the kernel's transposed layout
+        return out
 
     def _fused_dropout(self, n: fx.Node):
         """CUDA runs dropout as the fused `native_dropout`, which saves a 1-byte boolean mask; the

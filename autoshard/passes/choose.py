@@ -57,12 +57,14 @@ def select_candidates(labels: Labels) -> list[Candidate]:
 
 
 def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, sequence_parallel: bool | None = None, *,
-           hardware=None, memory_budget=None) -> Plan:
+           hardware=None, memory_budget=None, pinned: dict[str, str] | None = None) -> Plan:
     """Pick each region's strategy and the stream layout; return the Plan with its estimate.
 
     `hardware`: a profile name ("h100", "cpu-gloo", ...), a JSON path from `autoshard calibrate`, or a
     HardwareProfile (default: cpu-gloo for CPU meshes, h100-sxm otherwise). `memory_budget`: see
-    the module docstring. `sequence_parallel`: True/False forces the stream layout.
+    the module docstring. `sequence_parallel`: True/False forces the stream layout. `pinned`:
+    parameter FQN -> placement text of parameters already distributed (a module planned for other
+    inputs): each region keeps only the strategies that leave its parameters where they are.
     """
     started = time.perf_counter()
     analysis = labels.analysis
@@ -80,6 +82,9 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
         notes.append("sequence parallel not used (sequence_parallel=True asked for it): " + "; ".join(c.why for c in priced))
         layouts = [TP]
         priced = viable = [pricer.layout(TP)]
+    if pinned:
+        for layout_costs in viable:
+            _pin(layout_costs, analysis, regions, params, pinned)
     budget = resolve_budget(memory_budget, viable, profile)
     solve_started = time.perf_counter()
     solutions = [(solve(c, budget["bytes"]), c) for c in viable]
@@ -116,6 +121,20 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
 
 
 _LAYOUT_TEXT = {SP: "sequence-parallel", TP: "replicated"}
+
+
+def _pin(costs: LayoutCosts, analysis, regions: list[Candidate], params: dict[str, Placement], pinned: dict[str, str]) -> None:
+    """Drop the options that would move a pinned parameter: a region whose parameters are sharded
+    (with the placement this graph would give them) must stay sharded, a replicated one replicated."""
+    for i, c in enumerate(regions):
+        mine = [f for f in _region_params(analysis, c) if f in pinned]
+        if not mine:
+            continue
+        sharded = any(pinned[f] != placement_str(REPLICATE) for f in mine)
+        same = all(placement_str(params.get(f, REPLICATE)) == pinned[f] for f in mine)
+        keep = [o for o in costs.options[i] if o.sharded == sharded] if (same or not sharded) else []
+        if keep:
+            costs.options[i] = keep
 
 
 # ---- hardware and budget ----------------------------------------------------------------------------

@@ -390,7 +390,7 @@ class _Lowering:
                                                     self.group, self._padded(x, src.dim), "slice"))
         elif isinstance(mod, runtime.LocalAttention):
             q, k, v, mask = (list(node.args) + [None])[:4]
-            self._replace(node, F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask, **mod.sdpa_kwargs})
+            self._replace(node, rt.attention, (q, k, v, mask, mod.layout), mod.sdpa_kwargs)
         elif isinstance(mod, runtime.LocalMatmul):
             self._replace(node, torch.matmul, node.args[:2])
         elif isinstance(mod, runtime.ReplicatedLocal):

@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.errors import PlanError
+from autoshard.ops.layout import stride_order
 from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.passes.capture import Captured, retarget_devices
 from autoshard.passes.propagate import PlacementSimulator
@@ -86,7 +87,9 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
         for key, val in zip(("dropout_p", "is_causal"), rest[1:]):
             kwargs[key] = val
         with graph.inserting_before(node):
-            new = graph.call_module(add_module(LocalAttention(parse_placement(placement), kwargs), "attention"), (q, k, v, mask))
+            val = node.meta.get("val")
+            layout = stride_order(val) if isinstance(val, torch.Tensor) else None
+            new = graph.call_module(add_module(LocalAttention(parse_placement(placement), kwargs, layout), "attention"), (q, k, v, mask))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
@@ -151,3 +154,33 @@ def _reject_mutations(captured: Captured) -> None:
             f"{captured.model_name}.forward mutates buffers or inputs in place ({sorted(kinds - {'USER_OUTPUT'})}); "
             "autoshard shards functional forwards only — move state updates out of forward"
         )
+    state = {**captured.param_fqns, **captured.buffer_fqns, **{n: f"input {n!r}" for n in captured.user_input_placeholders}}
+    for node in captured.program.graph.nodes:
+        written = _written_placeholder(node)
+        if written is not None and written.name in state:
+            raise PlanError(
+                f"{captured.model_name}.forward writes {state[written.name]} in place ({node.target}); "
+                "autoshard does not shard module state updated in forward (a KV cache the model owns, running "
+                "statistics) — pass the state in and out of forward, or run the model without it"
+            )
+
+
+def _written_placeholder(node: fx.Node) -> fx.Node | None:
+    """The graph input an in-place op writes (through views of it), if any."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            while isinstance(value, fx.Node) and value.op == "call_function" and _is_view(value):
+                value = value.args[0]
+            if isinstance(value, fx.Node) and value.op == "placeholder":
+                return value
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.arguments and schema.arguments[0].alias_info is not None
+                and not schema.arguments[0].alias_info.is_write and schema.returns and schema.returns[0].alias_info is not None)
