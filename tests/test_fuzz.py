@@ -24,20 +24,46 @@ OUTCOMES: collections.Counter = collections.Counter()
 LOWERING: collections.Counter = collections.Counter()  # of the examples that asked for lower=True
 
 
+ROPES = [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
+         {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
+         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}]
+
+
 @st.composite
 def cases(draw):
+    """Every config field that changes the graph: heads, KV heads, head_dim (also != hidden / heads),
+    widths, vocabulary and its padding id, layers, tying, biases, sliding window, rope scaling."""
     heads = draw(st.integers(1, 8))
     kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
     head_dim = draw(st.sampled_from([4, 8, 16]))
+    vocab = draw(st.integers(8, 200))
     cfg = {
-        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "hidden_size": heads * head_dim,
-        "intermediate_size": draw(st.integers(4, 96)), "vocab_size": draw(st.integers(8, 200)),
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+        "hidden_size": draw(st.sampled_from([heads * head_dim, heads * head_dim, 4 * draw(st.integers(2, 24))])),
+        "intermediate_size": draw(st.integers(4, 96)), "vocab_size": vocab,
         "num_hidden_layers": draw(st.integers(1, 2)), "tie_word_embeddings": draw(st.booleans()),
+        "pad_token_id": draw(st.sampled_from([None, 0, 1, vocab - 1, draw(st.integers(0, vocab - 1))])),
+        "attention_bias": draw(st.booleans()), "mlp_bias": draw(st.booleans()),
     }
     return {
         "family": draw(st.sampled_from(FAMILIES)), "cfg": cfg, "batch": draw(st.integers(1, 3)), "seq": draw(st.integers(1, 12)),
         "labels": draw(st.booleans()), "lower": draw(st.booleans()),
+        "rope": draw(st.sampled_from(ROPES)), "sliding_window": draw(st.sampled_from([None, 2, 5])),
     }
+
+
+def _config(case: dict) -> dict:
+    cfg = dict(case["cfg"])
+    if case.get("rope"):
+        cfg["rope_parameters"] = {**case["rope"], "rope_theta": 10000.0}
+    window = case.get("sliding_window")
+    if window and case["family"] in ("tiny-qwen2", "tiny-qwen3"):
+        layers = cfg["num_hidden_layers"]
+        cfg.update(use_sliding_window=True, sliding_window=window,
+                   layer_types=["sliding_attention"] + ["full_attention"] * (layers - 1))
+    elif window:
+        cfg["sliding_window"] = window  # llama has none: the field is ignored there
+    return cfg
 
 
 def _run_case(case: dict) -> dict:
@@ -46,14 +72,17 @@ def _run_case(case: dict) -> dict:
     import autoshard
     from autoshard import PlanError
 
-    model = tiny_model(case["family"], **case["cfg"])
+    model = tiny_model(case["family"], **_config(case))
     if case["cfg"]["tie_word_embeddings"]:
         model.tie_weights()
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(case["seq"])
-    kw = {"input_ids": torch.randint(0, case["cfg"]["vocab_size"], (case["batch"], case["seq"]), generator=g)}
+    vocab, pad = case["cfg"]["vocab_size"], case["cfg"].get("pad_token_id")
+    kw = {"input_ids": torch.randint(0, vocab, (case["batch"], case["seq"]), generator=g)}
+    if pad is not None:
+        kw["input_ids"][0, : max(1, case["seq"] // 3)] = pad  # left padding: the padding row is looked up
     if case["labels"]:
-        kw["labels"] = torch.randint(0, case["cfg"]["vocab_size"], (case["batch"], case["seq"]), generator=g)
+        kw["labels"] = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=g)
     try:
         sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw, lower=case.get("lower", False))
     except PlanError as e:
