@@ -52,6 +52,7 @@ class SavedActivations:
     # attention nodes: they run on their own placement (LocalAttention moves q, k, v to the heads
     # it computes), so what they save is sized by that placement, not by their inputs'
     attention: set[str] = field(default_factory=set)
+    untraced: str = ""   # why the graph could not be traced on meta (then nothing is counted)
 
     def total(self, variant_of: dict[str, str] | None = None) -> int:
         """Global bytes (tp = 1), counting each storage once; `variant_of`: loss node -> variant."""
@@ -133,7 +134,7 @@ class _Tracer(fx.Interpreter):
         dropout = rest[1] if len(rest) > 1 else kwargs.get("dropout_p", 0.0)
         causal = rest[2] if len(rest) > 2 else kwargs.get("is_causal", False)
         scale = kwargs.get("scale")
-        if k.shape[1] != q.shape[1]:  # enable_gqa: the fused kernel needs matching heads
+        if k.shape[1] != q.shape[1] or v.shape[-1] != q.shape[-1]:  # enable_gqa, or MLA's narrower values: not the fused kernel's shapes
             return super().run_node(n)
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             # F.scaled_dot_product_attention turns a boolean mask into an additive float one (a new
@@ -191,6 +192,10 @@ def saved_activations(analysis: GraphAnalysis, device_type: str = "cpu") -> Save
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             args.append(_materialise(n.meta.get("val"), analysis.roles[n.name] is Role.PARAM))
-    with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
-        tracer.run(*args)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(tracer.pack, lambda t: t):
+            tracer.run(*args)
+    except Exception as e:  # noqa: BLE001 - e.g. `.item()` on data (MoE routing counts): no meta value
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return SavedActivations(untraced=f"activations not estimated: the graph does not run on meta at {tracer.current} ({first})")
     return SavedActivations(tracer.entries, tracer.attention)

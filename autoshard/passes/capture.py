@@ -205,11 +205,8 @@ def capture(model: torch.nn.Module, example_inputs, device: str = "meta") -> Cap
     dynamic = {k: ({d: Dim.AUTO for d in range(min(v.ndim, 2))} if isinstance(v, torch.Tensor) else None) for k, v in kwargs.items()}
     if _TRAINING.get() is not None:
         skeleton.train(_TRAINING.get())
-    try:
-        with isolated_from_caller():
-            program = torch.export.export(skeleton, (), kwargs, dynamic_shapes=dynamic, strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with guidance, original chained
-        raise PlanError(_explain_export_failure(model, e)) from e
+    _without_cache(skeleton)
+    program = _export(model, skeleton, kwargs, dynamic)
     sig = program.graph_signature
     user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
     captured = Captured(
@@ -256,6 +253,35 @@ def drop_self_copies(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _export(model: torch.nn.Module, skeleton: torch.nn.Module, kwargs: dict, dynamic: dict) -> ExportedProgram:
+    """Export with dynamic batch and sequence; where the model cannot be traced symbolically
+    (a data-dependent branch on a size, a broadcast export cannot prove), export at the example's
+    static shapes. A static program accepts only those shapes: a call with others is captured
+    again (`ShardedModule` keeps one program per accepted shape)."""
+    failures = []
+    for shapes in (dynamic, None):
+        try:
+            with isolated_from_caller():
+                return torch.export.export(skeleton, (), kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # noqa: BLE001 - retried static, then re-raised with guidance
+            failures.append(e)
+    raise PlanError(_explain_export_failure(model, failures[-1], failures[0])) from failures[-1]
+
+
+def _without_cache(skeleton: torch.nn.Module) -> None:
+    """transformers models are captured without a KV cache (the training forward): a cache in the
+    output would carry per-rank shards out of the graph. `use_cache=False` is also passed where
+    `forward` takes it; the configs say it for families whose forward reads it from the config."""
+    for module in skeleton.modules():
+        config = getattr(module, "config", None)
+        for cfg in (config, getattr(config, "text_config", None)):
+            if cfg is not None and getattr(cfg, "use_cache", None):
+                try:
+                    cfg.use_cache = False
+                except Exception:  # noqa: BLE001 - a frozen config keeps its own setting
+                    pass
+
+
 def _seq_symbols(program: ExportedProgram, tensors: dict[str, torch.Tensor]) -> set:
     """Symbols of dim 1 of 2-D+ integer inputs (token ids, labels, masks): the sequence length."""
     symbols = set()
@@ -270,17 +296,29 @@ def _seq_symbols(program: ExportedProgram, tensors: dict[str, torch.Tensor]) -> 
     return symbols
 
 
-def _explain_export_failure(model: torch.nn.Module, err: Exception) -> str:
+def _explain_export_failure(model: torch.nn.Module, err: Exception, dynamic_err: Exception | None = None) -> str:
     """The export error, the model's source line that raised it, and what to do about it."""
-    frame = _user_frame(err)
-    where = f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}" if frame else ""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (
-        f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {first}{where}\n"
-        "autoshard plans from the exported graph, so the forward must be traceable: replace data-dependent "
-        "Python control flow (if/while on tensor values, .item()) with torch.cond / torch.where, or "
-        "mark the branch with torch._check; see https://pytorch.org/docs/stable/export.html"
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    name = type(model).__name__ + (f" (model_type {family!r})" if family else "")
+    lines = [f"torch.export could not capture {name}: {_one_line(err)}{_where(err)}"]
+    if dynamic_err is not None and dynamic_err is not err and _one_line(dynamic_err) != _one_line(err):
+        lines.append(f"  (with dynamic batch/sequence first: {_one_line(dynamic_err)}{_where(dynamic_err)})")
+    lines.append(
+        "autoshard plans from the exported graph, so the forward must be traceable at the example's shapes: replace "
+        "data-dependent Python control flow (if/while on tensor values, .item()) with torch.cond / torch.where, or "
+        "bound the value with torch._check; see https://pytorch.org/docs/stable/export.html"
     )
+    return "\n".join(lines)
+
+
+def _one_line(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first[:400]}" if first else type(err).__name__
+
+
+def _where(err: BaseException) -> str:
+    frame = _user_frame(err)
+    return f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}" if frame else ""
 
 
 def _user_frame(err: BaseException):

@@ -112,6 +112,8 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
             notes.append(f"{_LAYOUT_TEXT[layout_costs.layout]} stream not used: {layout_costs.why}")
     if len(viable) > 1:
         notes.append(_layout_note(sol, feasible, unconstrained, budget))
+    if pricer.saved.untraced:
+        notes.append(pricer.saved.untraced + "; strategies priced on parameters, gradients and communication")
     plan = _assemble(analysis, labels, regions, picked, final_params, reasons, notes, sol.layout, sim, mesh_info, sharded_outputs, costs, sol, priced)
     plan.estimate = estimate_plan(analysis, sim, plan, profile, mesh_info["tp"], pricer.saved)
     plan.estimate["budget"] = budget

@@ -103,7 +103,11 @@ class _Lowering:
         self._sizes: dict = {}
 
     def run(self) -> LoweredProgram:
-        self._anchor = next(n for n in self.graph.nodes if n.op != "placeholder")
+        # sizes computed from inputs go after the last input (the rewrite may have put a node that
+        # wraps an early input, e.g. a buffer, between placeholders)
+        nodes = list(self.graph.nodes)
+        last_input = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
+        self._anchor = nodes[last_input + 1]
         self._reject_implicit_collectives()
         self._placements()
         self._insert_conversions()

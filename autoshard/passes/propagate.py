@@ -77,7 +77,10 @@ def collective_for(src: Placement, dst: Placement) -> str | None:
 def hint(x: Any) -> Any:
     if isinstance(x, torch.SymInt):
         node = x.node
-        return int(node.hint) if node.hint is not None else int(node.shape_env.size_hint(node.expr))
+        if node.hint is not None:
+            return int(node.hint)
+        # a data-dependent size (tokens routed to one expert): priced at torch's optimization hint
+        return int(node.shape_env.optimization_hint(node.expr, fallback=1))
     if isinstance(x, (list, tuple)):
         return type(x)(hint(v) for v in x)
     return x
