@@ -132,12 +132,15 @@ class _ReduceScatter(torch.autograd.Function):
 
 class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, reduce_grad):
+        ctx.group, ctx.reduce_grad = group, reduce_grad
         return _wait(_c10d.all_reduce(x.contiguous(), "sum", group))
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        if ctx.reduce_grad:
+            g = _wait(_c10d.all_reduce(g.contiguous(), "sum", ctx.group))
+        return g, None, None
 
 
 class _ReduceGrad(torch.autograd.Function):
@@ -175,9 +178,10 @@ def reduce_scatter(x, dim: int, tp: int, rank: int, group: str, padded: bool):
     return _ReduceScatter.apply(x, dim, tp, rank, group, padded)
 
 
-def all_reduce(x, group: str):
-    """Partial -> Replicate; the gradient of a sum is passed through."""
-    return _AllReduce.apply(x, group)
+def all_reduce(x, group: str, reduce_grad: bool = False):
+    """Partial -> Replicate; the gradient of a sum is passed through, or all-reduced first when it
+    arrives as partial sums (`reduce_grad`: the sum feeds sharded ops directly)."""
+    return _AllReduce.apply(x, group, reduce_grad)
 
 
 def reduce_grad(x, group: str):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.experimental import local_map
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
 from autoshard.ops.layout import dense_in_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
@@ -40,8 +40,14 @@ class Redistribute(RuntimeOp):
     def forward(self, x):
         if not isinstance(x, DTensor):
             return x
-        if tuple(x.placements) == self.placements and all(p.is_replicate() for p in self.placements):
+        whole = all(p.is_replicate() for p in self.placements)
+        if tuple(x.placements) == self.placements and whole:
             return _reduce_grad_here(x)
+        if whole and any(isinstance(p, _MaskPartial) for p in x.placements):
+            # the vocab-parallel lookup's masked partial, reduced: if the rows go straight into
+            # column linears (a post-norm block), partial gradients come back, which DTensor cannot
+            # turn into a masked partial; sum them here (the embedding's backward all-reduce)
+            return _reduce_grad_here(x.redistribute(self.mesh, self.placements))
         return x.redistribute(self.mesh, self.placements)
 
     def extra_repr(self) -> str:

@@ -339,10 +339,8 @@ class _Lowering:
                                          self._padded(x, src.dim), "slice"))
         if src == P and dst.is_shard():
             return (R, rt.reduce_scatter, (x, dst.dim, self.tp, self.rank, self.group, self._padded(x, dst.dim)))
-        if src == P and dst == R:
-            if gk == P:
-                raise LoweringError(f"{node.name}: an all-reduced value with partial gradients")
-            return (R, rt.all_reduce, (x, self.group))
+        if src == P and dst == R:  # partial gradients back (rows straight into column linears): summed
+            return (R, rt.all_reduce, (x, self.group, gk == P))
         if src == R and dst.is_shard():
             return (P, rt.shard_local, (x, dst.dim, self.tp, self.rank, self._padded(x, dst.dim)))
         raise LoweringError(f"{node.name}: no lowering for {src} -> {dst}")
@@ -546,7 +544,8 @@ class _Lowering:
         for node in self.graph.nodes:
             if node.op == "call_function" and node.target in COLLECTIVES:
                 back = {rt.all_gather: node.args[-1] if node.args else "", rt.reduce_scatter: "all_gather",
-                        rt.all_reduce: "-", rt.reduce_grad: "all_reduce"}[node.target]
+                        rt.all_reduce: "all_reduce" if len(node.args) > 2 and node.args[2] else "-",
+                        rt.reduce_grad: "all_reduce"}[node.target]
                 x = node.args[0]
                 lines.append(f"{node.name}: {node.target.__name__}({x.name}) backward: {back}")
         return lines
