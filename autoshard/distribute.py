@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from autoshard.passes.capture import Captured
+from autoshard.passes.rewrite import written_buffers
 from autoshard.plan import Plan
 
 BUCKET_CAP_MB = 25.0  # DDP's default bucket size
@@ -46,8 +47,11 @@ def distribute_parameters(
             made[id(p)] = nn.Parameter(dt, requires_grad=p.requires_grad)
         sharded.adopt(fqn, made[id(p)])
     persistent = {s.target: s.persistent for s in captured.program.graph_signature.input_specs if s.kind.name == "BUFFER"}
+    written = written_buffers(captured)
     for fqn, b in model.named_buffers(remove_duplicate=False):
-        sharded.adopt(fqn, b, buffer=True, persistent=persistent.get(fqn, fqn in model.state_dict()))
+        # a buffer forward writes (a KV cache) is the sharded module's own: the user's model is never written
+        value = b.detach().clone() if fqn in written else b
+        sharded.adopt(fqn, value, buffer=True, persistent=persistent.get(fqn, fqn in model.state_dict()))
 
     params = dict(sharded.named_parameters())
     replicated = [f for f in backward_order(captured, params) if _is_replicated(params[f])]

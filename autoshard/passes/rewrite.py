@@ -35,8 +35,8 @@ aten = torch.ops.aten
 
 def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator, mesh: DeviceMesh) -> fx.GraphModule:
     """The runnable graph: placeholders (params, buffers, constants, user inputs) in export order."""
-    _reject_mutations(captured)
     sim = simulator.run(plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs))
+    _reject_mutations(captured, sim)
     gm = copy.deepcopy(captured.program.graph_module)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -147,7 +147,10 @@ def _order(graph: fx.Graph, name: str) -> int:
     return -1
 
 
-def _reject_mutations(captured: Captured) -> None:
+def _reject_mutations(captured: Captured, sim=None) -> None:
+    """Forward may write a buffer it owns (gpt-fast's `KVCache.update`) when what it writes is the
+    same on every rank: each rank then updates its own whole copy. Anything else that writes model
+    state or inputs in place is refused here, before anything runs."""
     kinds = {s.kind.name for s in captured.program.graph_signature.output_specs}
     if kinds - {"USER_OUTPUT"}:
         raise PlanError(
@@ -157,12 +160,31 @@ def _reject_mutations(captured: Captured) -> None:
     state = {**captured.param_fqns, **captured.buffer_fqns, **{n: f"input {n!r}" for n in captured.user_input_placeholders}}
     for node in captured.program.graph.nodes:
         written = _written_placeholder(node)
-        if written is not None and written.name in state:
-            raise PlanError(
-                f"{captured.model_name}.forward writes {state[written.name]} in place ({node.target}); "
-                "autoshard does not shard module state updated in forward (a KV cache the model owns, running "
-                "statistics) — pass the state in and out of forward, or run the model without it"
-            )
+        if written is None or written.name not in state:
+            continue
+        sharded = [a.name for a in node.all_input_nodes if a is not written and sim is not None and _is_split(sim.specs.get(a.name))]
+        if written.name in captured.buffer_fqns and sim is not None and not sharded:
+            continue
+        what = f"values sharded over tp ({', '.join(sharded)})" if sharded else "it"
+        raise PlanError(
+            f"{captured.model_name}.forward writes {state[written.name]} in place ({node.target}) with {what}; "
+            "autoshard keeps module state written in forward whole on every rank, so the values written must be "
+            "replicated (a KV cache of K/V heads split over tp is not sharded yet) — run the model without the cache"
+        )
+
+
+def _is_split(spec) -> bool:
+    return isinstance(spec, DTensorSpec) and not all(p.is_replicate() for p in spec.placements)
+
+
+def written_buffers(captured: Captured) -> set[str]:
+    """FQNs of the buffers forward writes in place."""
+    out = set()
+    for node in captured.program.graph.nodes:
+        written = _written_placeholder(node)
+        if written is not None and written.name in captured.buffer_fqns:
+            out.add(captured.buffer_fqns[written.name])
+    return out
 
 
 def _written_placeholder(node: fx.Node) -> fx.Node | None:
