@@ -237,6 +237,7 @@ def drop_self_copies(gm: torch.fx.GraphModule) -> None:
     device the tensor already has): a model's `self.freqs_cis = self.freqs_cis.to(h.device)` is
     captured as a buffer write of the buffer's own values — a no-op that would bump the version
     of a tensor autograd saved."""
+    erased = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.copy_.default or node.users:
             continue
@@ -249,8 +250,10 @@ def drop_self_copies(gm: torch.fx.GraphModule) -> None:
             src = src.args[0]
         if src is dst:
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+            erased = True
+    if erased:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
 
 def _export(model: torch.nn.Module, skeleton: torch.nn.Module, kwargs: dict, dynamic: dict) -> ExportedProgram:
