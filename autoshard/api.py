@@ -8,6 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoshard.distribute import distribute_parameters
 from autoshard.diagnose import refuse_fallbacks
+from autoshard.dry_run import dry_run
 from autoshard.compile import finish
 from autoshard.errors import PlanError
 from autoshard.fsdp import cast_parameters, data_parallel, resolve_fsdp
@@ -78,6 +79,7 @@ def autoshard(
             check_plan_matches(fixed, chosen)
             chosen = fixed
         graph = rewrite_graph(captured, chosen, simulator, tp_mesh)  # 5. DTensor regions
+        dry_run(captured, graph, chosen, tp_mesh)                    # 6. forward + backward on fake tensors
         return captured, chosen, graph
 
     captured, chosen, graph = build(example_inputs, plan)
@@ -90,8 +92,8 @@ def autoshard(
     distribute_parameters(model, sharded, chosen, captured, tp_mesh)
     sharded.add_program(captured, chosen, graph)
     if fsdp_options is not None:
-        data_parallel(sharded, **fsdp_options)                       # 6. FSDP2 over dp
-    return finish(sharded, compile, lower)                          # 7. lower + torch.compile
+        data_parallel(sharded, **fsdp_options)                       # 7. FSDP2 over dp
+    return finish(sharded, compile, lower)                          # 8. lower + torch.compile
 
 
 def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware=None, memory_budget=None, pinned=None):

@@ -30,6 +30,7 @@ from torch import fx
 
 from autoshard.ops.layout import dense_in_order, stride_order
 from autoshard.passes.analyse import ATTENTION_OPS, GraphAnalysis, Role
+from autoshard.passes.propagate import hint
 from autoshard.passes.capture import retarget_devices
 
 aten = torch.ops.aten
@@ -144,6 +145,9 @@ class _Tracer(fx.Interpreter):
             out = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, attn_mask=mask, scale=scale)[0]
         except Exception:  # noqa: BLE001 - no meta kernel for this shape: trace what the graph says
             return super().run_node(n)
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and tuple(out.shape) != tuple(hint(tuple(val.shape))):
+            return super().run_node(n)  # not the shapes the fused kernel was meant for
         return out
 
     def _fused_dropout(self, n: fx.Node):

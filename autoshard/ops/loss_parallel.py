@@ -250,7 +250,10 @@ def vocab_parallel_cross_entropy(
     if vmd is None:
         vocab_start, group_name = 0, None
     else:
-        _, offsets = compute_local_shape_and_global_offset(logits.shape, mesh, placements)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # plain index arithmetic: also under fake tensors (plan-time dry run)
+            _, offsets = compute_local_shape_and_global_offset(logits.shape, mesh, placements)
         vocab_start = offsets[vdim] if offsets else 0
         group_name = mesh.get_group(vmd).group_name
 
