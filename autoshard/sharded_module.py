@@ -101,7 +101,10 @@ class ShardedModule(nn.Module):
                 state_lookup.update(dict(self.named_buffers(remove_duplicate=False)))
             it = iter(flat_inputs)
             values = [state_lookup[t] if k == "state" else t if k == "const" else next(it) for k, t in getters]
-            return gm.forward(*values)  # no module hooks: the graph is internal (see runtime.RuntimeOp)
+            # no module hooks: the graph is internal (see runtime.RuntimeOp); export turns a model's
+            # `no_grad` blocks into grad-mode switches, so restore the mode even if the graph raises
+            with torch.set_grad_enabled(torch.is_grad_enabled()):
+                return gm.forward(*values)
 
         return call
 

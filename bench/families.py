@@ -98,6 +98,12 @@ def _short_reason(r: str) -> str:
     return r[:70] + ("…" if len(r) > 70 else "")
 
 
+def _weight_score(fqn: str) -> int:
+    low = fqn.lower()
+    return (-2 if ("norm" in low or "bias" in low) else 0) + any(
+        k in low for k in ("proj", "expert", "dense", "fc", "query", "c_attn", "wqkv", "w1", "w2", "embed", "lm_head"))
+
+
 def _replicated_summary(rec: dict) -> str:
     rep = rec.get("replicated")
     if rep is None:
@@ -105,7 +111,12 @@ def _replicated_summary(rec: dict) -> str:
     if not rep:
         return "none"
     by = collections.Counter(_short_reason(v) for v in rep.values())
-    parts = [f"{n}× {why}" for why, n in by.most_common(2)]
+    example = {}
+    for fqn, why in rep.items():  # name a weight matrix rather than a norm or a bias where there is one
+        w = _short_reason(why)
+        if w not in example or _weight_score(fqn) > _weight_score(example[w]):
+            example[w] = fqn
+    parts = [f"{n}× {why} (e.g. `{example[why]}`)" for why, n in by.most_common(2)]
     if len(by) > 2:
         parts.append(f"+{len(by) - 2} more reasons")
     return "; ".join(parts).replace("|", "/")
@@ -119,7 +130,8 @@ def _err(rec: dict) -> str:
         return ""
     msg = re.sub(r"\s+", " ", rec["error"]).strip()[:140]
     where = rec.get("autoshard_frame") or rec.get("frame") or ""
-    return f"{rec.get('error_type', '')}: {msg} @ {where}".replace("|", "/")
+    phase = f" (in {rec['phase']})" if rec.get("phase") else ""
+    return f"{rec.get('error_type', '')}: {msg} @ {where}{phase}".replace("|", "/")
 
 
 def _verdict_cell(rec: dict | None) -> str:
@@ -160,6 +172,20 @@ def write_markdown(records: list[dict], path: str = OUT) -> None:
         for lower in (False, True):
             if any(k[0] == tp and k[1] == lower for k in counts):
                 lines.append(f"| {tp} | {'lowered' if lower else 'DTensor'} | " + " | ".join(str(counts.get((tp, lower, v), 0)) for v in vs) + " |")
+    fallbacks = collections.Counter()
+    for (m, tp, lower), r in latest.items():
+        for note in r.get("lowering_notes") or []:
+            note = re.sub(r"\s+", " ", note).replace("program 1: not lowered, runs on DTensors eagerly: ", "")
+            fallbacks[(tp, re.sub(r"\b\w+_\d+\b", "<node>", note)[:110])] += 1
+    if fallbacks:
+        lines += ["", "lower=True runs that fell back to the DTensor program (`sharded.lowering_notes`), by reason:", "",
+                  "| tp | runs | reason |", "|---|---|---|"]
+        lines += [f"| {tp} | {n} | {why.replace('|', '/')} |" for (tp, why), n in fallbacks.most_common()]
+    for tp in sorted({k[1] for k in latest}):
+        missing = [f for f in families() if (f, tp, False) not in latest or (f, tp, True) not in latest]
+        if missing:
+            lines += ["", f"Not yet run at tp {tp} ({len(missing)}; `python -m bench.families --tp {tp}` resumes from its cache): "
+                      + ", ".join(missing)]
     lines += ["", "## Per family", "",
               "| family | tp | DTensor | lowered | params/rank | replicated (why) | failure |", "|---|---|---|---|---|---|---|"]
     for m, tp in keys:
@@ -174,7 +200,8 @@ def write_markdown(records: list[dict], path: str = OUT) -> None:
                 if e and not (tag == "lowered" and d and _err(d) == e):
                     errs.append(f"{tag}: {e}" if r["verdict"] != "build-failed" or tag == "DTensor" else e)
             if r and r.get("lower") and r.get("lowering_notes"):
-                errs.append("lowering: " + _short_reason(r["lowering_notes"][0]).replace("|", "/"))
+                note = re.sub(r"\s+", " ", r["lowering_notes"][0]).replace("program 1: not lowered, runs on DTensors eagerly: ", "")
+                errs.append("lowering fell back: " + note[:160].replace("|", "/"))
         lines.append(f"| {m} | {tp} | {_verdict_cell(d)} | {_verdict_cell(lo)} | {frac} | {rep} | {'<br>'.join(errs)} |")
         del any_rec
     with open(path, "w") as f:

@@ -55,6 +55,7 @@ _SMALL_INTS = {  # misc. sizes that would otherwise stay large or inconsistent w
     "hidden_size_per_head": 16, "hidden_size_per_layer_input": 16, "num_kv_shared_layers": 0,
     "zero_expert_num": 2, "rotary_dim": 8, "rotary_emb_dim": 8,
     "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2, "mamba_headdim": 16, "n_mamba_heads": 8,
+    "mamba_d_ssm": 128,
 }
 
 # Per-family overrides, applied after the generic rule, only where it cannot work. Keep it small.
@@ -293,16 +294,23 @@ def _replicated(plan) -> dict[str, str]:
 def sweep_one(model_type: str, lower: bool, seq: int = 7) -> dict:
     """Rank-side: build, shard, run, compare; classify. Never raises."""
     res: dict = {"model_type": model_type, "lower": lower, "seq": seq}
+    if not torch.is_grad_enabled():  # a previous task left it off; do not inherit that
+        res["grad_mode_was_off"] = True
     try:
         import torch.distributed as dist
 
         res["tp"] = dist.get_world_size()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             res.update(_sweep(model_type, lower, seq))
+            if not torch.is_grad_enabled():
+                # something (the model, autoshard) switched grad mode off and never restored it
+                res["left_grad_disabled"] = True
     except BaseException as e:  # noqa: BLE001 - one family must never kill the rank pool
         res.update(verdict="build-failed", **_error(e))
         res["error"] = "(sweep harness error) " + res["error"]
+    finally:
+        torch.set_grad_enabled(True)
     return res
 
 
@@ -353,13 +361,15 @@ def _sweep(model_type: str, lower: bool, seq: int) -> dict:
     except BaseException as e:  # noqa: BLE001
         res["inspect_error"] = f"{type(e).__name__}: {e}"[:200]
     # 3. run the sharded module
+    phase = "forward"
     try:
         out = sharded(**kw)
         scalar, _ = _scalar_for_backward(out)
-        scalar.backward()
         logits = full(_logits(out)).detach().float()
+        phase = "backward"  # errors raised by autograd carry no autoshard frame
+        scalar.backward()
     except BaseException as e:  # noqa: BLE001
-        return {**res, "verdict": "crash-after-plan", **_error(e), **_lowering(sharded, lower)}
+        return {**res, "verdict": "crash-after-plan", "phase": phase, **_error(e), **_lowering(sharded, lower)}
     res.update(_lowering(sharded, lower))
     res["t_run"] = round(time.perf_counter() - t2, 2)
     # 4. compare
