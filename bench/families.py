@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import time
-from datetime import timedelta
 
 GLOO_TIMEOUT_S = float(os.environ.get("AUTOSHARD_SWEEP_GLOO_TIMEOUT", "60"))
 os.environ.setdefault("AUTOSHARD_TEST_TIMEOUT", "150")  # tests.dist reads it at import
@@ -27,46 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "families.md")
 
 
-def _worker(rank, world_size, port, tasks, results):
-    """tests.dist._worker with a shorter gloo timeout: a rank left alone in a collective by a
-    crashed peer gives up in GLOO_TIMEOUT_S instead of 120 s."""
-    import traceback
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
-    while True:
-        task = tasks.get()
-        if task is None:
-            break
-        fn, args, kwargs = task
-        try:
-            results.put((rank, True, fn(*args, **kwargs)))
-        except BaseException:  # noqa: BLE001
-            results.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
-
-
 def make_pool(ws: int):
-    import torch.multiprocessing as mp
+    """tests.dist's rank pool with a shorter gloo timeout: a rank left alone in a collective by a
+    crashed peer gives up in GLOO_TIMEOUT_S instead of 120 s."""
+    from tests.dist import RankPool
 
-    from tests.dist import RankPool, _free_port
-
-    class SweepPool(RankPool):
-        def _start(self) -> None:
-            ctx = mp.get_context("spawn")
-            port = _free_port()
-            self._tasks = [ctx.Queue() for _ in range(self.world_size)]
-            self._results = ctx.Queue()
-            self._procs = [ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results), daemon=True)
-                           for r in range(self.world_size)]
-            for p in self._procs:
-                p.start()
-
-    return SweepPool(ws)
+    return RankPool(ws, gloo_timeout_s=GLOO_TIMEOUT_S)
 
 
 _DESYNC = re.compile(r"timed out|timeout|gloo|connection|closed|broken pipe", re.I)

@@ -26,13 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, port: int, tasks, results, gloo_timeout_s: float = 120.0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=gloo_timeout_s))
     while True:
         task = tasks.get()
         if task is None:
@@ -47,10 +47,11 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
 
 class RankPool:
-    """`world_size` gloo ranks that run submitted functions together."""
+    """`world_size` gloo ranks that run submitted functions together. `gloo_timeout_s`: how long a
+    rank left alone in a collective by a crashed peer waits before it gives up."""
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+    def __init__(self, world_size: int, gloo_timeout_s: float = 120.0):
+        self.world_size, self.gloo_timeout_s = world_size, gloo_timeout_s
         self._start()
 
     def _start(self) -> None:
@@ -59,7 +60,7 @@ class RankPool:
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results), daemon=True)
+            ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results, self.gloo_timeout_s), daemon=True)
             for r in range(self.world_size)
         ]
         for p in self._procs:
