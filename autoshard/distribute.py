@@ -39,7 +39,7 @@ def distribute_parameters(
     made: dict[int, nn.Parameter] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
         if id(p) not in made:
-            placement = placements.get(fqn, placements.get(captured.tied.get(fqn, ""), None)) or Replicate()
+            placement = planned_placement(placements, captured, fqn)
             # a Replicate() DTensor broadcasts into, and then shares storage with, its source:
             # copy it, so training the sharded module never writes into the user's model
             source = p.detach().clone() if placement.is_replicate() else p.detach()
@@ -61,6 +61,11 @@ def distribute_parameters(
             reducer.watch(fqn, p)
     sharded.grad_reducer = reducer
     return reducer
+
+
+def planned_placement(placements: dict, captured: Captured, fqn: str):
+    """The plan's placement of parameter `fqn` (a tied name has its table's), Replicate if none."""
+    return placements.get(fqn, placements.get(captured.tied.get(fqn, ""), None)) or Replicate()
 
 
 def _whole_grad_of_shard(p, g) -> bool:

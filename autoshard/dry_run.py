@@ -18,6 +18,7 @@ from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from autoshard.distribute import planned_placement
 from autoshard.errors import PlanError
 from autoshard.passes.capture import Captured
 from autoshard.passes.propagate import hint
@@ -68,11 +69,7 @@ def _fake_input(captured: Captured, node: fx.Node, placements: dict, mesh: Devic
     t = torch.empty(shape, dtype=val.dtype, device=mesh.device_type)
     if fqn is None:
         return t
-    placement = placements.get(fqn, placements.get(captured.tied.get(fqn, ""), None))
-    if placement is None:
-        from torch.distributed.tensor import Replicate
-
-        placement = Replicate()
+    placement = planned_placement(placements, captured, fqn)
     local = t
     if placement.is_shard():
         chunks = torch.chunk(t, mesh.size(), dim=placement.dim)

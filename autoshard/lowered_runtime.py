@@ -199,19 +199,18 @@ def partition_value(x, tp: int):
     return x / tp
 
 
-def vocab_parallel_embedding(weight, ids, vocab_start: int, padding_idx: int = -1, scale_grad_by_freq: bool = False):
+def vocab_parallel_embedding(weight, ids, vocab_start: int, padding_idx: int = -1):
     """Lookup in this rank's rows `[vocab_start, vocab_start + rows)` of a vocab-sharded table;
     ids outside the range give zero rows (the partial sums the following reduction adds up).
 
     `padding_idx` is the global row that gets no gradient (`nn.Embedding(padding_idx=)`): it is
     moved into the local numbering on the rank that holds it, and dropped on the others (their
-    rows get gradients only through ids they hold). `scale_grad_by_freq` counts the ids every
-    rank sees, so the local counts equal the global ones."""
+    rows get gradients only through ids they hold)."""
     rows = weight.size(0)
     local = ids - vocab_start
     outside = (local < 0) | (local >= rows)
     pad = padding_idx - vocab_start if padding_idx >= 0 and vocab_start <= padding_idx < vocab_start + rows else -1
-    out = torch.ops.aten.embedding.default(weight, local.masked_fill(outside, pad if pad >= 0 else 0), pad, scale_grad_by_freq)
+    out = torch.ops.aten.embedding.default(weight, local.masked_fill(outside, 0), pad)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 

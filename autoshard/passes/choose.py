@@ -84,7 +84,7 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
         priced = viable = [pricer.layout(TP)]
     if pinned:
         for layout_costs in viable:
-            _pin(layout_costs, analysis, regions, params, pinned)
+            _pin(layout_costs, pricer.region_params, params, pinned)
     budget = resolve_budget(memory_budget, viable, profile)
     solve_started = time.perf_counter()
     solutions = [(solve(c, budget["bytes"]), c) for c in viable]
@@ -125,11 +125,11 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
 _LAYOUT_TEXT = {SP: "sequence-parallel", TP: "replicated"}
 
 
-def _pin(costs: LayoutCosts, analysis, regions: list[Candidate], params: dict[str, Placement], pinned: dict[str, str]) -> None:
+def _pin(costs: LayoutCosts, region_params: list[dict], params: dict[str, Placement], pinned: dict[str, str]) -> None:
     """Drop the options that would move a pinned parameter: a region whose parameters are sharded
     (with the placement this graph would give them) must stay sharded, a replicated one replicated."""
-    for i, c in enumerate(regions):
-        mine = [f for f in _region_params(analysis, c) if f in pinned]
+    for i, own in enumerate(region_params):
+        mine = [f for f in own if f in pinned]
         if not mine:
             continue
         sharded = any(pinned[f] != placement_str(REPLICATE) for f in mine)

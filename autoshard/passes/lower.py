@@ -423,11 +423,12 @@ class _Lowering:
             self._replace(node, rt.run_with_grad_enabled, (enabled, fn, *args))
         elif t is aten.embedding.default and self.pl.get(node.args[0]) == Shard(0):
             weight, ids, padding_idx, scale_grad_by_freq, sparse = _embedding_args(node)
-            if sparse:
-                raise LoweringError(f"{node.name}: a sparse-gradient embedding is not lowered")
+            if sparse or scale_grad_by_freq:
+                # the ids outside this rank's rows are parked on row 0: its frequency count would be wrong
+                raise LoweringError(f"{node.name}: a vocab-parallel embedding with sparse=True or scale_grad_by_freq=True is not lowered")
             rows = int(self._val(weight).shape[0])
             start = min(self.rank * rt._ceil_div(rows, self.tp), rows)
-            self._replace(node, rt.vocab_parallel_embedding, (weight, ids, start, padding_idx, scale_grad_by_freq))
+            self._replace(node, rt.vocab_parallel_embedding, (weight, ids, start, padding_idx))
         elif t in (aten.sym_size.int,):
             x, d = node.args
             p = self.pl.get(x)

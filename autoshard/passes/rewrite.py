@@ -147,7 +147,7 @@ def _order(graph: fx.Graph, name: str) -> int:
     return -1
 
 
-def _reject_mutations(captured: Captured, sim=None) -> None:
+def _reject_mutations(captured: Captured, sim) -> None:
     """Forward may write a buffer it owns (gpt-fast's `KVCache.update`) when what it writes is the
     same on every rank: each rank then updates its own whole copy. Anything else that writes model
     state or inputs in place is refused here, before anything runs."""
@@ -162,8 +162,8 @@ def _reject_mutations(captured: Captured, sim=None) -> None:
         written = _written_placeholder(node)
         if written is None or written.name not in state:
             continue
-        sharded = [a.name for a in node.all_input_nodes if a is not written and sim is not None and _is_split(sim.specs.get(a.name))]
-        if written.name in captured.buffer_fqns and sim is not None and not sharded:
+        sharded = [a.name for a in node.all_input_nodes if a is not written and _is_split(sim.specs.get(a.name))]
+        if written.name in captured.buffer_fqns and not sharded:
             continue
         what = f"values sharded over tp ({', '.join(sharded)})" if sharded else "it"
         raise PlanError(
