@@ -13,11 +13,40 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor._utils import compute_global_tensor_info
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
 from autoshard.ops.layout import dense_in_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
+
+
+def consistent_grad(x):
+    """Make sure the gradient that comes back into `x` is a DTensor whose global strides describe
+    its local tensor.
+
+    DTensor builds the gradient of a layout change (redistribute, `to_local`, `local_map`) from the
+    local tensor it got and a stride it did not take from it; when the two disagree (a gradient
+    coming back through a transpose), a later `view` in backward passes DTensor's check on the
+    global strides and fails on the local ones ("view size is not compatible"). A hook on `x`
+    re-wraps such a gradient densely; a consistent one passes untouched.
+    """
+    if isinstance(x, DTensor) and x.requires_grad and torch.is_grad_enabled():
+        x.register_hook(_consistent)
+    return x
+
+
+def _consistent(grad):
+    if not isinstance(grad, DTensor):
+        return grad
+    local = grad._local_tensor
+    _, stride = compute_global_tensor_info(local, grad.device_mesh, grad.placements)
+    if tuple(stride) == tuple(grad.stride()):
+        return grad
+    local = local.contiguous()
+    _, stride = compute_global_tensor_info(local, grad.device_mesh, grad.placements)
+    return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
+                              shape=grad.shape, stride=tuple(stride))
 
 
 class RuntimeOp(nn.Module):
@@ -40,6 +69,7 @@ class Redistribute(RuntimeOp):
     def forward(self, x):
         if not isinstance(x, DTensor):
             return x
+        x = consistent_grad(x)
         whole = all(p.is_replicate() for p in self.placements)
         if tuple(x.placements) == self.placements and whole:
             return _reduce_grad_here(x)
@@ -62,8 +92,17 @@ def _reduce_grad_here(x: DTensor) -> DTensor:
     hand a `Partial` gradient to the vocab-parallel embedding's masked partial at all. Reducing
     it here, once per region, is what plain tensor parallelism does.
     """
-    local = x.to_local(grad_placements=x.placements)
+    local = consistent_grad(x).to_local(grad_placements=x.placements)
     return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False)
+
+
+class ConsistentGrad(RuntimeOp):
+    """Identity after an op whose backward views its output's gradient (`view`, `reshape`,
+    `linear` on 3-D inputs): the gradient arriving there is made layout-consistent first
+    (`consistent_grad`), whichever DTensor op built it."""
+
+    def forward(self, x):
+        return consistent_grad(x)
 
 
 class ToReplicate(RuntimeOp):
@@ -86,6 +125,7 @@ class ToFull(RuntimeOp):
     def forward(self, x):
         if not isinstance(x, DTensor):
             return x
+        x = consistent_grad(x)
         if all(p.is_replicate() for p in x.placements):
             return x.to_local()
         return x.full_tensor()
@@ -114,7 +154,7 @@ class LocalAttention(RuntimeOp):
             self._local, out_placements=((p,),), in_placements=((p,), (p,), (p,), mask_p),
             device_mesh=q.device_mesh, redistribute_inputs=True,
         )
-        return fn(q, k, v, attn_mask)
+        return fn(*map(consistent_grad, (q, k, v, attn_mask)))
 
     def _local(self, q, k, v, attn_mask):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kwargs)
@@ -142,7 +182,8 @@ class LocalMatmul(RuntimeOp):
             return torch.matmul(a, b)
         mesh = (a if isinstance(a, DTensor) else b).device_mesh
         p = (self.placement,)
-        return local_map(torch.matmul, out_placements=(p,), in_placements=(p, p), device_mesh=mesh, redistribute_inputs=True)(a, b)
+        fn = local_map(torch.matmul, out_placements=(p,), in_placements=(p, p), device_mesh=mesh, redistribute_inputs=True)
+        return fn(consistent_grad(a), consistent_grad(b))
 
     def extra_repr(self) -> str:
         return str(self.placement)
@@ -165,6 +206,7 @@ class ReplicatedLocal(RuntimeOp):
         mesh, whole = meshes[0], (Replicate(),) * meshes[0].ndim
 
         def unwrap(a):
+            a = consistent_grad(a)
             return a.redistribute(mesh, whole).to_local(grad_placements=whole) if isinstance(a, DTensor) else a
 
         out = self.target(*pytree.tree_map(unwrap, args), **pytree.tree_map(unwrap, kwargs))

@@ -105,6 +105,7 @@ class _Lowering:
     def run(self) -> LoweredProgram:
         # sizes computed from inputs go after the last input (the rewrite may have put a node that
         # wraps an early input, e.g. a buffer, between placeholders)
+        self._drop_consistent_grads()
         nodes = list(self.graph.nodes)
         last_input = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
         self._anchor = nodes[last_input + 1]
@@ -120,6 +121,13 @@ class _Lowering:
         self.graph.lint()
         self.gm.recompile()
         return LoweredProgram(self.gm, self._param_grads(), outputs, sizes, self._dynamic_dims(), self._describe())
+
+    def _drop_consistent_grads(self):
+        """Local tensors carry their own strides: the DTensor program's gradient-layout guards go."""
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), runtime.ConsistentGrad):
+                node.replace_all_uses_with(node.args[0])
+                self.graph.erase_node(node)
 
     # ---- placements -------------------------------------------------------------------------------
     def _reject_implicit_collectives(self):

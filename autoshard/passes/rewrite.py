@@ -28,9 +28,15 @@ from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.passes.capture import Captured, retarget_devices
 from autoshard.passes.propagate import PlacementSimulator
 from autoshard.plan import Plan, parse_placement
-from autoshard.runtime import LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
+from autoshard.runtime import ConsistentGrad, LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
 
 aten = torch.ops.aten
+# ops whose backward views the gradient of their output: DTensor checks such a view on global
+# strides, so the gradient must arrive with local strides that agree (`ConsistentGrad`)
+GRAD_VIEWING_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.linear.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default, aten.reshape_as.default, aten.matmul.default,
+})
 
 
 def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator, mesh: DeviceMesh) -> fx.GraphModule:
@@ -133,6 +139,15 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
             with graph.inserting_before(output):
                 full = graph.call_module(add_module(ToFull(), "to_full"), (arg,))
             output.replace_input_with(arg, full)
+
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in GRAD_VIEWING_OPS and isinstance(sim.specs.get(node.name), DTensorSpec):
+            users = list(node.users)
+            with graph.inserting_after(node):
+                new = graph.call_module(add_module(ConsistentGrad(), "consistent_grad"), (node,))
+            new.meta = dict(node.meta)
+            for u in users:
+                u.replace_input_with(node, new)
 
     graph.eliminate_dead_code()
     graph.lint()
