@@ -21,6 +21,7 @@ from torch.export import Dim, ExportedProgram
 from torch.utils._python_dispatch import _disable_current_modes
 
 from autoshard.errors import PlanError
+from autoshard.passes.simplify import simplify
 
 
 @dataclass
@@ -223,37 +224,8 @@ def capture(model: torch.nn.Module, example_inputs, device: str = "meta") -> Cap
         training=skeleton.training,
     )
     captured.seq_dim_symbols = _seq_symbols(program, tensors)
-    drop_self_copies(program.graph_module)
+    simplify(program.graph_module)
     return captured
-
-
-_VALUE_PRESERVING = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device, torch.ops.aten._to_copy.default,
-                     torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.clone.default,
-                     torch.ops.aten.contiguous.default}
-
-
-def drop_self_copies(gm: torch.fx.GraphModule) -> None:
-    """Erase `copy_(state, f(state))` where `f` keeps every value (a `.to()` to the dtype and
-    device the tensor already has): a model's `self.freqs_cis = self.freqs_cis.to(h.device)` is
-    captured as a buffer write of the buffer's own values — a no-op that would bump the version
-    of a tensor autograd saved."""
-    erased = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.copy_.default or node.users:
-            continue
-        dst, src = node.args[:2]
-        dst_val = dst.meta.get("val")
-        while isinstance(src, torch.fx.Node) and src is not dst and src.op == "call_function" and src.target in _VALUE_PRESERVING:
-            val = src.meta.get("val")
-            if not isinstance(val, torch.Tensor) or not isinstance(dst_val, torch.Tensor) or val.dtype != dst_val.dtype:
-                break
-            src = src.args[0]
-        if src is dst:
-            gm.graph.erase_node(node)
-            erased = True
-    if erased:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
 
 
 def _export(model: torch.nn.Module, skeleton: torch.nn.Module, kwargs: dict, dynamic: dict) -> ExportedProgram:

@@ -1,0 +1,144 @@
+"""Graph clean-ups right after capture: rewrite what export recorded into the same computation
+in a form the sharding passes can place. Each keeps every value the graph computes."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+aten = torch.ops.aten
+
+
+def simplify(gm: torch.fx.GraphModule) -> None:
+    changed = inline_no_grad_regions(gm)
+    changed |= drop_self_copies(gm)
+    changed |= drop_empty_cat_inputs(gm)
+    changed |= log_sigmoid_as_softplus(gm)
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+_VALUE_PRESERVING = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device, torch.ops.aten._to_copy.default,
+                     torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.clone.default,
+                     torch.ops.aten.contiguous.default}
+
+
+def drop_self_copies(gm: torch.fx.GraphModule) -> bool:
+    """Erase `copy_(state, f(state))` where `f` keeps every value (a `.to()` to the dtype and
+    device the tensor already has): a model's `self.freqs_cis = self.freqs_cis.to(h.device)` is
+    captured as a buffer write of the buffer's own values — a no-op that would bump the version
+    of a tensor autograd saved."""
+    erased = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.copy_.default or node.users:
+            continue
+        dst, src = node.args[:2]
+        dst_val = dst.meta.get("val")
+        while isinstance(src, torch.fx.Node) and src is not dst and src.op == "call_function" and src.target in _VALUE_PRESERVING:
+            val = src.meta.get("val")
+            if not isinstance(val, torch.Tensor) or not isinstance(dst_val, torch.Tensor) or val.dtype != dst_val.dtype:
+                break
+            src = src.args[0]
+        if src is dst:
+            gm.graph.erase_node(node)
+            erased = True
+    return erased
+
+
+def drop_empty_cat_inputs(gm: torch.fx.GraphModule) -> bool:
+    """`torch.cat` skips 1-D empty tensors whatever the other operands' rank (a legacy rule): a
+    cache that starts as `torch.tensor([])` (XLM's, built even with `use_cache=False`) is captured
+    as `cat([empty, k])`. DTensor has no such rule and would try to shard the empty tensor like
+    `k`; without the operand the op computes the same and places like `k`."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.cat.default:
+            continue
+        tensors = node.args[0]
+        keep = [t for t in tensors if not _legacy_empty(t)]
+        if keep and len(keep) < len(tensors) and not all(_legacy_empty(t) for t in tensors):
+            node.args = (keep, *node.args[1:])
+            changed = True
+    return changed
+
+
+def _legacy_empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.ndim == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0
+
+
+def inline_no_grad_regions(gm: torch.fx.GraphModule) -> bool:
+    """Inline `with torch.no_grad():` bodies (export's `wrap_with_set_grad_enabled(False, ...)`)
+    into the graph, detaching what they return: the same values, and no gradient flows through
+    them, as before. Left wrapped, a body fed a sharded parameter (Marian's sinusoidal position
+    table) would be one opaque op the placement passes cannot see into."""
+    changed = False
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is torch.ops.higher_order.wrap_with_set_grad_enabled
+                and node.args[0] is False and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr"):
+            continue
+        body = getattr(gm, node.args[1].target)
+        if any(n.op == "get_attr" for n in body.graph.nodes):
+            continue  # constants of its own: leave the region as it is
+        inputs = [n for n in body.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            out = graph.graph_copy(body.graph, dict(zip(inputs, node.args[2:])))
+            operands = {a for a in node.args[2:] if isinstance(a, torch.fx.Node)}
+            results = [r if _returns_self(r, operands) else _detached(graph, r) for r in (out if isinstance(out, (tuple, list)) else (out,))]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(results[user.args[1]])
+                graph.erase_node(user)
+        if node.users:
+            node.replace_all_uses_with(results[0] if not isinstance(out, (tuple, list)) else tuple(results))
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.delete_all_unused_submodules()
+    return changed
+
+
+_RETURN_SELF = {aten.to.dtype, aten.to.dtype_layout, aten.to.device}
+
+
+def _returns_self(value, inputs: set) -> bool:
+    """Is `value` (an inlined body node) the very tensor of one of the region's operands?"""
+    while isinstance(value, torch.fx.Node) and value not in inputs:
+        if value.op != "call_function" or value.target not in _RETURN_SELF:
+            return False
+        src = value.args[0]
+        a, b = value.meta.get("val"), getattr(src, "meta", {}).get("val")
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device):
+            return False
+        value = src
+    return isinstance(value, torch.fx.Node)
+
+
+def _detached(graph: torch.fx.Graph, value):
+    if not isinstance(value, torch.fx.Node) or not isinstance(value.meta.get("val"), torch.Tensor):
+        return value
+    new = graph.call_function(aten.detach.default, (value,))
+    new.meta = {**value.meta, "val": value.meta["val"].detach()}
+    return new
+
+
+def log_sigmoid_as_softplus(gm: torch.fx.GraphModule) -> bool:
+    """`log_sigmoid(x)` as `-softplus(-x)`: DTensor has no rule for its backward (whose CPU kernel
+    takes a buffer the forward fills), and the two agree to float rounding, with the same
+    derivative `sigmoid(-x)` everywhere."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is aten.log_sigmoid.default:
+            with gm.graph.inserting_before(node):
+                neg = gm.graph.call_function(aten.neg.default, (node.args[0],))
+                soft = gm.graph.call_function(aten.softplus.default, (neg,))
+                out = gm.graph.call_function(aten.neg.default, (soft,))
+            for n in (neg, soft, out):
+                n.meta = dict(node.meta)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            changed = True
+    return changed
