@@ -13,11 +13,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor._utils import compute_global_tensor_info
+from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
-from autoshard.ops.layout import dense_in_order
+from autoshard.ops.layout import dense_in_order, stride_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
 
@@ -37,16 +37,18 @@ def consistent_grad(x):
 
 
 def _consistent(grad):
+    """`grad` if its local tensor is laid out as its global strides say (both dense, or both in
+    the same dim order); else the same values, dense, with dense global strides. (The global
+    strides of a shard are not the local ones scaled: a sequence of 7 over 2 ranks is 4 + 3.)"""
     if not isinstance(grad, DTensor):
         return grad
     local = grad._local_tensor
-    _, stride = compute_global_tensor_info(local, grad.device_mesh, grad.placements)
-    if tuple(stride) == tuple(grad.stride()):
+    if local.is_contiguous() and grad.is_contiguous():
         return grad
-    local = local.contiguous()
-    _, stride = compute_global_tensor_info(local, grad.device_mesh, grad.placements)
-    return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
-                              shape=grad.shape, stride=tuple(stride))
+    if not local.is_contiguous() and not grad.is_contiguous() and stride_order(local) == stride_order(grad):
+        return grad
+    return DTensor.from_local(local.contiguous(), grad.device_mesh, grad.placements, run_check=False,
+                              shape=grad.shape, stride=make_contiguous_strides_for(grad.shape))
 
 
 class RuntimeOp(nn.Module):

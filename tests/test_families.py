@@ -27,6 +27,7 @@ FAST = [
     "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "bloom",
     "falcon", "stablelm", "starcoder2", "olmo2", "granite", "cohere", "mixtral", "qwen3_moe", "olmoe",
     "persimmon", "nemotron", "gpt_bigcode", "bert", "codegen", "gpt_neo",
+    "glm4_moe",  # grouped experts (replicated) added to the sequence-parallel residual at an odd length
 ]
 
 
@@ -47,8 +48,10 @@ def _sweep(pool, model_type: str, lower: bool) -> dict:
 @pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
 @pytest.mark.parametrize("model_type", FAST)
 def test_family_tp2(ranks2, model_type, lower):
+    """The fast subset shards, exactly: every one of these was exact in the last full sweep, so a
+    refusal here is a regression too."""
     rec = _sweep(ranks2, model_type, lower)
-    assert rec["verdict"] in ("exact", "refused"), f"{model_type} tp2 lower={lower}: {_describe(rec)}"
+    assert rec["verdict"] == "exact", f"{model_type} tp2 lower={lower}: {_describe(rec)}"
 
 
 @pytest.fixture

@@ -86,11 +86,17 @@ def _consistent_unit() -> dict:
     local = torch.arange(24.0).reshape(4, 6).t()            # [6, 4], strides (1, 6)
     bad = DTensor.from_local(local, mesh, [Shard(1)], run_check=False, shape=torch.Size([6, 8]), stride=(8, 1))
     good = DTensor.from_local(local.contiguous(), mesh, [Shard(1)], run_check=False)
+    # a dense uneven shard (7 rows over 2 ranks: 4 + 3) is consistent, though its global strides
+    # are not its local ones scaled by the mesh size
+    rows = 4 if mesh.get_local_rank() == 0 else 3
+    uneven = DTensor.from_local(torch.ones(2, rows, 5), mesh, [Shard(1)], run_check=False, shape=torch.Size([2, 7, 5]), stride=(35, 5, 1))
     fixed = _consistent(bad)
     return {"fixed_stride": fixed.stride(), "fixed_local": fixed._local_tensor.is_contiguous(),
-            "same_values": torch.equal(fixed._local_tensor, local), "good_untouched": _consistent(good) is good}
+            "same_values": torch.equal(fixed._local_tensor, local), "good_untouched": _consistent(good) is good,
+            "uneven_untouched": _consistent(uneven) is uneven}
 
 
 def test_consistent_rewraps_only_inconsistent_gradients(ranks2):
     for r in ranks2.run(_consistent_unit):
-        assert r == {"fixed_stride": (8, 1), "fixed_local": True, "same_values": True, "good_untouched": True}
+        assert r == {"fixed_stride": (8, 1), "fixed_local": True, "same_values": True, "good_untouched": True,
+                     "uneven_untouched": True}

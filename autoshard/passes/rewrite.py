@@ -85,6 +85,20 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
         for u in users:
             u.replace_input_with(node, moved)
 
+    # a replicated value DTensor slices to meet sequence shards (a replicated MoE block's output
+    # added to the sequence-parallel residual) gets its gradient back sharded, and the replicated
+    # computation behind it would run its backward on shards (views of uneven shards fail there).
+    # An explicit slice makes the backward all-gather it, as a replicated forward needs.
+    for move in sim.redistributions:
+        src, consumer = nodes.get(move.source), nodes.get(move.consumer)
+        if move.planned or src is None or consumer is None or src.op != "call_function" or src is consumer:
+            continue
+        if move.src != "Replicate()" or not move.dst.startswith("Shard(") or not _carries_gradient(src):
+            continue
+        with graph.inserting_before(consumer):
+            sliced = graph.call_module(add_module(Redistribute(mesh, (parse_placement(move.dst),)), "redistribute"), (src,))
+        consumer.replace_input_with(src, sliced)
+
     for name, placement in plan.attention.items():
         node = nodes[name]
         q, k, v, *rest = node.args
@@ -153,6 +167,11 @@ def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator,
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _carries_gradient(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
 def _order(graph: fx.Graph, name: str) -> int:
