@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from torch.distributed.device_mesh import DeviceMesh
 
 from autoshard.errors import PlanError
@@ -50,3 +52,10 @@ def mesh_info(mesh: DeviceMesh) -> dict:
         "tp": tp.size(),
         "device_type": mesh.device_type,
     }
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a local process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

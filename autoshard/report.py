@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from autoshard.plan import Plan
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from autoshard.units import format_bytes as _bytes
 
 
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:

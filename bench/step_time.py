@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,17 +26,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from autoshard.mesh import free_port
+
 MODELS = [  # (config, overrides, batch, seq)
     ("tiny-llama", {}, 2, 64),
     ("tiny-llama", {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 4}, 2, 256),
     ("tiny-llama", {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8, "num_key_value_heads": 8}, 2, 256),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, ws: int, port: int, profile_path: str, steps: int, out) -> None:
@@ -99,7 +94,7 @@ def main() -> int:
     calibrate_s = time.perf_counter() - t0
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, _free_port(), str(profile), args.steps, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), str(profile), args.steps, out), nprocs=2, start_method="spawn")
     rows = out.get()
     lines = ["# Predicted vs measured training-step time (gloo, world size 2)", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "

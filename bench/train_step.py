@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,16 +34,12 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from autoshard.mesh import free_port
+
 CONFIG = ("tiny-llama", {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
                          "num_key_value_heads": 8, "num_hidden_layers": 2, "vocab_size": 4096})
 BATCH, SEQ, PREFILL = 2, 256, 512
 VARIANTS = ["hand eager", "hand compiled", "hand compiled whole", "autoshard eager", "autoshard lowered", "autoshard compiled"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -279,7 +274,7 @@ def main() -> int:
     before = _machine()
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, _free_port(), args, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), args, out), nprocs=2, start_method="spawn")
     rows = out.get()
     text = report(rows, before, _machine(), args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,19 +11,14 @@ which the pool is restarted.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import torch.multiprocessing as mp
 
+from autoshard.mesh import free_port
+
 TASK_TIMEOUT_S = float(os.environ.get("AUTOSHARD_TEST_TIMEOUT", "300"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results, gloo_timeout_s: float = 120.0) -> None:
@@ -56,7 +51,7 @@ class RankPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [

@@ -10,7 +10,7 @@ from autoshard.__main__ import main
 from autoshard.cli_plan import parse_mesh
 from autoshard.plan import Plan
 from autoshard.planning.memory import param_bytes_per_rank
-from autoshard.report import _bytes
+from autoshard.units import format_bytes as _bytes
 
 
 def test_plan_prints_the_cost_models_numbers_for_h100(tmp_path, capsys):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -16,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from autoshard.mesh import free_port
 from tests.helpers import ATOL, full, inputs, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,16 +191,10 @@ def test_optimizer_step_needs_fewer_collectives_than_hand_plan(ranks2):
 
 
 # ---- the example script under torchrun ------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_example_trains_under_torchrun(tmp_path):
     ckpt = tmp_path / "ckpt"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
         os.path.join(ROOT, "examples", "train.py"), "--steps", "12", "--checkpoint", str(ckpt),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

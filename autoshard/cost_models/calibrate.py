@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from autoshard.mesh import free_port
 
 from .comm import bus_factor
 from .hardware import HardwareProfile, LinkProfile
@@ -102,12 +103,6 @@ def _rank_main(rank: int, world_size: int, port: int, sizes: list[int], reps: in
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_collectives(world_size: int, sizes: list[int], reps: int) -> tuple[dict[str, list[tuple[int, float]]], tuple[float, float]]:
     """(collective timings per kind, DTensor dispatch seconds per op (forward, backward)), from
     `world_size` ranks."""
@@ -117,7 +112,7 @@ def measure_collectives(world_size: int, sizes: list[int], reps: int) -> tuple[d
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, sizes, reps, results), daemon=True)
              for r in range(world_size)]
     for p in procs:

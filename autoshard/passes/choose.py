@@ -39,9 +39,11 @@ from autoshard.passes.analyse import GraphAnalysis, Role
 from autoshard.passes.label import Candidate, Labels
 from autoshard.passes.propagate import PlacementSimulator, Simulation
 from autoshard.plan import PLAN_FORMAT, BoundaryPlan, ParamPlan, Plan, RegionPlan, model_fingerprint, placement_str
+from autoshard.units import format_bytes
 
 REPLICATE = Replicate()
-SP, TP = "sequence_parallel", "replicated"
+# the two layouts of the residual stream: split on the sequence dim, or whole on every rank
+SP_STREAM, REPLICATED_STREAM = "sequence_parallel", "replicated"
 
 
 def select_candidates(labels: Labels) -> list[Candidate]:
@@ -74,14 +76,14 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     notes += tie_notes
     regions = [c for c in regions if not getattr(c, "_demoted", False)]
     profile = resolve_hardware(hardware, mesh_info)
-    layouts = [TP] if sequence_parallel is False else [SP] if sequence_parallel else [SP, TP]
+    layouts = [REPLICATED_STREAM] if sequence_parallel is False else [SP_STREAM] if sequence_parallel else [SP_STREAM, REPLICATED_STREAM]
     pricer = Pricer(analysis, simulator, regions, params, profile, mesh_info["tp"])
     priced = [pricer.layout(layout) for layout in layouts]
     viable = [c for c in priced if c.viable]
-    if not viable:  # sequence_parallel=True asked for what the model cannot do: say so, plan TP
+    if not viable:  # sequence_parallel=True asked for what the model cannot do: say so, plan the replicated stream
         notes.append("sequence parallel not used (sequence_parallel=True asked for it): " + "; ".join(c.why for c in priced))
-        layouts = [TP]
-        priced = viable = [pricer.layout(TP)]
+        layouts = [REPLICATED_STREAM]
+        priced = viable = [pricer.layout(REPLICATED_STREAM)]
     if pinned:
         for layout_costs in viable:
             _pin(layout_costs, pricer.region_params, params, pinned)
@@ -122,7 +124,7 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     return plan
 
 
-_LAYOUT_TEXT = {SP: "sequence-parallel", TP: "replicated"}
+_LAYOUT_TEXT = {SP_STREAM: "sequence-parallel", REPLICATED_STREAM: "replicated"}
 
 
 def _pin(costs: LayoutCosts, region_params: list[dict], params: dict[str, Placement], pinned: dict[str, str]) -> None:
@@ -193,13 +195,7 @@ def _budget_error(budget: dict, costs: list[LayoutCosts]) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    if n == math.inf:
-        return "unlimited"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return format_bytes(n, digits=2)
 
 
 def _layout_note(sol, feasible, unconstrained, budget) -> str:
@@ -243,18 +239,18 @@ class Pricer:
 
     def layout(self, layout: str) -> LayoutCosts:
         costs = LayoutCosts(layout)
-        if layout == SP:
+        if layout == SP_STREAM:
             why = self._sp_unavailable()
             if why:
                 return LayoutCosts(layout, viable=False, why=why)
         all_sharded = {id(c): Option("sharded", True) for c in self.regions}
         shard = self._price(all_sharded, layout)
-        if layout == SP and shard[1].communication(planned=False):
+        if layout == SP_STREAM and shard[1].communication(planned=False):
             r = shard[1].communication(planned=False)[0]
             return LayoutCosts(layout, viable=False, why=f"DTensor would add {r.collective} at {r.consumer} ({r.src} -> {r.dst})")
         variants = {"sharded": shard}
         heads = [c for c in self.regions if c.kind == "column_output"]
-        if layout == TP:
+        if layout == REPLICATED_STREAM:
             variants["replicate"] = self._price({id(c): Option("replicate", False) for c in self.regions}, layout)
         elif heads:
             variants["replicate"] = self._price({**all_sharded, **{id(c): Option("replicate", False) for c in heads}}, layout)
@@ -280,9 +276,9 @@ class Pricer:
 
     def _option_names(self, c: Candidate, layout: str):
         if c.kind == "column_row":
-            return [("replicate", False, "replicate"), ("tp", True, "sharded")] if layout == TP else [("tp_sp", True, "sharded")]
+            return [("replicate", False, "replicate"), ("tp", True, "sharded")] if layout == REPLICATED_STREAM else [("tp_sp", True, "sharded")]
         if c.kind == "embedding":
-            return [("replicate", False, "replicate"), ("vocab_parallel", True, "sharded")] if layout == TP else [("vocab_parallel", True, "sharded")]
+            return [("replicate", False, "replicate"), ("vocab_parallel", True, "sharded")] if layout == REPLICATED_STREAM else [("vocab_parallel", True, "sharded")]
         sharded = ("loss_parallel" if c.loss_nodes else "column_gather_output", True, "sharded")
         out = [("replicate", False, "replicate"), sharded]
         if c.loss_nodes:
@@ -550,7 +546,7 @@ def _entry_node(analysis: GraphAnalysis, name: str, layout: str) -> str:
     """Where a region's input is gathered. On the sequence-parallel stream, before any chain of
     single-use views (HF's `logits_to_keep` slices): a slice's backward on sequence shards would
     make DTensor gather the gradient on its own."""
-    if layout != SP:
+    if layout != SP_STREAM:
         return name
     node = analysis.nodes[name]
     while analysis.roles[node.name] is Role.VIEW and len(node.all_input_nodes) == 1:
@@ -580,7 +576,7 @@ def _boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked: dict,
     for c in regions:
         opt = picked[id(c)]
         if c.kind == "column_output":
-            if opt.sharded or layout == SP:  # a replicated head on the SP stream still reads it whole
+            if opt.sharded or layout == SP_STREAM:  # a replicated head on the sequence-parallel stream still reads it whole
                 for x in c.inputs:
                     boundaries[_entry_node(analysis, x, layout)] = REPLICATE
             if opt.name in ("gather", "column_gather"):
@@ -590,7 +586,7 @@ def _boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked: dict,
         if not opt.sharded:
             continue
         for e in _exits(c):
-            d = seq_dim(analysis, e) if layout == SP else None
+            d = seq_dim(analysis, e) if layout == SP_STREAM else None
             boundaries[e] = Shard(d) if d is not None else REPLICATE
         if c.kind != "embedding":
             for x in c.inputs:

@@ -16,7 +16,8 @@ from collections import Counter
 from autoshard.planning.fast import PlanningResult
 from autoshard.planning.graph_facts import describe_model
 from autoshard.planning.memory import itemsize, local_numel, param_memory, unique_params
-from autoshard.report import _bytes, _table
+from autoshard.report import _table
+from autoshard.units import format_bytes as _bytes
 
 
 _NODE = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*?)_\d+\b")                       # linear_64
