@@ -104,3 +104,38 @@ def test_log_sigmoid_becomes_softplus_with_equal_values_and_gradients():
     out.sum().backward()
     expect.sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+class Updates(nn.Module):
+    """`corrected += predictions` on a permuted projection (Gemma3n's AltUp), and a write through
+    a slice whose base is read afterwards, which must stay a write."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, z):
+        corrected = self.lin(x).permute(1, 0, 2)
+        corrected += z
+        a = self.lin(z)
+        a[:, :2].mul_(2)
+        return corrected.sum() + (a * a).sum()
+
+
+def test_in_place_update_of_a_fresh_tensor_becomes_out_of_place_unless_an_alias_reads_it():
+    torch.manual_seed(0)
+    model = Updates()
+    ref = copy.deepcopy(model)
+    x, z = torch.randn(2, 3, 8), torch.randn(3, 2, 8)
+    ep = _exported(model, (x, z))
+    assert simplify.out_of_place_updates(ep.graph_module)
+    ep.graph_module.recompile()
+    targets = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.add_.Tensor not in targets and torch.ops.aten.add.Tensor in targets
+    assert torch.ops.aten.mul_.Tensor in targets  # `a` is read after the write through its slice
+    out, expect = ep.module()(x, z), ref(x, z)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    out.backward()
+    expect.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, rtol=0, atol=0)

@@ -27,6 +27,7 @@ from autoshard.ops.layout import stride_order
 from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.passes.capture import Captured, retarget_devices
 from autoshard.passes.propagate import PlacementSimulator
+from autoshard.passes.simplify import is_view
 from autoshard.plan import Plan, parse_placement
 from autoshard.runtime import ConsistentGrad, LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
 
@@ -229,14 +230,8 @@ def _written_placeholder(node: fx.Node) -> fx.Node | None:
     for i, arg in enumerate(schema.arguments):
         if arg.alias_info is not None and arg.alias_info.is_write:
             value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            while isinstance(value, fx.Node) and value.op == "call_function" and _is_view(value):
+            while isinstance(value, fx.Node) and value.op == "call_function" and is_view(value):
                 value = value.args[0]
             if isinstance(value, fx.Node) and value.op == "placeholder":
                 return value
     return None
-
-
-def _is_view(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema and schema.arguments and schema.arguments[0].alias_info is not None
-                and not schema.arguments[0].alias_info.is_write and schema.returns and schema.returns[0].alias_info is not None)

@@ -15,6 +15,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     changed |= drop_self_copies(gm)
     changed |= drop_empty_cat_inputs(gm)
     changed |= log_sigmoid_as_softplus(gm)
+    changed |= out_of_place_updates(gm)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -142,3 +143,65 @@ def log_sigmoid_as_softplus(gm: torch.fx.GraphModule) -> bool:
             gm.graph.erase_node(node)
             changed = True
     return changed
+
+
+def out_of_place_updates(gm: torch.fx.GraphModule) -> bool:
+    """`x += y` on a tensor the graph made (Gemma3n's AltUp `corrected += predictions`) as
+    `x = x + y`: DTensor runs an in-place op only where the result keeps `x`'s placement, and
+    `y` may be partial or sharded otherwise. Done only where nothing reads `x`'s storage
+    afterwards through another alias (its base, or another view of it), so the values agree."""
+    changed = False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        pure = _out_of_place(node)
+        if pure is None:
+            continue
+        target = node.args[0]
+        root = target
+        while root.op == "call_function" and is_view(root):
+            root = root.args[0]
+        if root.op != "call_function":
+            continue  # model state or an input: a real write, left to the rewrite's checks
+        aliases = _aliases(root)
+        if any(order[u] > order[node] for a in aliases if a is not target for u in a.users):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(pure, node.args, dict(node.kwargs))
+        new.meta = dict(node.meta)
+        for user in [u for u in target.users if order.get(u, -1) > order[node]]:
+            user.replace_input_with(target, new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _out_of_place(node):
+    """The functional overload of an in-place aten op (`add_.Tensor` -> `add.Tensor`), if any."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    schema = node.target._schema
+    name = node.target._opname
+    if not name.endswith("_") or name.startswith("_") or not schema.arguments:
+        return None
+    first = schema.arguments[0].alias_info
+    if first is None or not first.is_write or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, node.target._overloadname, None) if packet is not None else None
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """Does the op return a view of its first argument (`permute`, `view`, `slice`, ...)?"""
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.arguments and schema.arguments[0].alias_info is not None
+                and not schema.arguments[0].alias_info.is_write and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def _aliases(root: torch.fx.Node) -> list:
+    out, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(u for u in n.users if u.op == "call_function" and is_view(u) and u.args and u.args[0] is n)
+    return out
