@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
@@ -152,8 +152,10 @@ class LocalAttention(RuntimeOp):
         if isinstance(attn_mask, DTensor):
             whole = p.is_replicate() or attn_mask.shape[p.dim] == 1
             mask_p = (Replicate(),) if whole else (p,)
+        ins = ((p,), (p,), (p,), mask_p)
         fn = local_map(
-            self._local, out_placements=((p,),), in_placements=((p,), (p,), (p,), mask_p),
+            self._local, out_placements=((p,),), in_placements=ins,
+            in_grad_placements=ins[:3] + (None if mask_p is None else _grads_of((mask_p,), p)[0],),
             device_mesh=q.device_mesh, redistribute_inputs=True,
         )
         return fn(*map(consistent_grad, (q, k, v, attn_mask)))
@@ -183,12 +185,40 @@ class LocalMatmul(RuntimeOp):
         if not (isinstance(a, DTensor) or isinstance(b, DTensor)):
             return torch.matmul(a, b)
         mesh = (a if isinstance(a, DTensor) else b).device_mesh
-        p = (self.placement,)
-        fn = local_map(torch.matmul, out_placements=(p,), in_placements=(p, p), device_mesh=mesh, redistribute_inputs=True)
+        p = self.placement
+        out_ndim = max(a.ndim, b.ndim)
+        ins = tuple((operand_placement(p, x, out_ndim, role),) for x, role in ((a, "a"), (b, "b")))
+        fn = local_map(torch.matmul, out_placements=((p,),), in_placements=ins, in_grad_placements=_grads_of(ins, p),
+                       device_mesh=mesh, redistribute_inputs=True)
         return fn(consistent_grad(a), consistent_grad(b))
 
     def extra_repr(self) -> str:
         return str(self.placement)
+
+
+def _grads_of(ins: tuple, out: Placement) -> tuple:
+    """Gradient placements of local_map operands: an operand whole on every rank, next to a split
+    output, gets on each rank only its shard's share of the gradient (partial, summed later)."""
+    split = out.is_shard()
+    return tuple((Partial(),) if split and pl[0].is_replicate() else pl for pl in ins)
+
+
+def operand_placement(p: Placement, x, out_ndim: int, role: str) -> Placement:
+    """What operand `x` (`a` or `b` of `a @ b`) must hold for the output to come out `p`:
+    batch dims split alike (a broadcast batch dim whole), the rows of `a` alone, the columns of
+    `b` alone."""
+    if not p.is_shard():
+        return p
+    d = p.dim % out_ndim
+    rows, cols = out_ndim - 2, out_ndim - 1
+    if d == rows:
+        return Shard(x.ndim - 2) if role == "a" else Replicate()
+    if d == cols:
+        return Shard(x.ndim - 1) if role == "b" else Replicate()
+    local_dim = d - (out_ndim - x.ndim)
+    if local_dim < 0 or x.ndim < 3 or x.shape[local_dim] == 1:
+        return Replicate()
+    return Shard(local_dim)
 
 
 class ReplicatedLocal(RuntimeOp):

@@ -27,7 +27,9 @@ FAST = [
     "llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "bloom",
     "falcon", "stablelm", "starcoder2", "olmo2", "granite", "cohere", "mixtral", "qwen3_moe", "olmoe",
     "persimmon", "nemotron", "gpt_bigcode", "bert", "codegen", "gpt_neo",
-    "glm4_moe",  # grouped experts (replicated) added to the sequence-parallel residual at an odd length
+    "glm4_moe",       # grouped experts (replicated) added to the sequence-parallel residual at an odd length
+    "gemma3n_text",   # AltUp's `corrected += predictions` on a sharded projection
+    "inkling2_text",  # head-sharded scores @ a replicated 2-D relative-position matrix
 ]
 
 

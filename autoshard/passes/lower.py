@@ -197,6 +197,15 @@ class _Lowering:
         return node.meta.get("val")
 
     # ---- conversions DTensor would do locally (slicing a replicated value) -----------------------
+    def _made_explicit(self, node: fx.Node, move) -> bool:
+        """Did the rewrite turn this implicit slice into a `Redistribute` to the same placement?"""
+        for a in node.all_input_nodes:
+            mod = self.gm.get_submodule(a.target) if a.op == "call_module" else None
+            if (isinstance(mod, runtime.Redistribute) and getattr(a.args[0], "name", None) == move.source
+                    and mod.placements == (parse_placement(move.dst),)):
+                return True
+        return False
+
     def _insert_conversions(self):
         moves: dict[str, list] = {}
         for r in self.sim.redistributions:
@@ -210,6 +219,8 @@ class _Lowering:
                     continue  # the ids' MaskPartial: the vocab-parallel lookup does it
                 for r in moves[node.name]:
                     src = next((a for a in node.all_input_nodes if a.name == r.source), None)
+                    if src is None and self._made_explicit(node, r):
+                        continue  # the rewrite sliced it with a Redistribute: lowered as one
                     if src is None:
                         raise LoweringError(f"implicit redistribution of {r.source} at {node.name} not found in the graph")
                     self._convert(node, src, self._norm(parse_placement(r.dst), src))
@@ -226,8 +237,15 @@ class _Lowering:
                 whole = not p.is_shard() or val.shape[p.dim] == 1
                 self._convert(node, mask, R if whole else p)
         elif isinstance(mod, runtime.LocalMatmul) and self.pl[node] is not None:
-            for a in node.args[:2]:
-                self._convert(node, a, self.pl[node])
+            p = self.pl[node]
+            vals = [self._val(a) for a in node.args[:2]]
+            out_ndim = max(v.ndim for v in vals)
+            for a, val, role in zip(node.args[:2], vals, ("a", "b")):
+                want = runtime.operand_placement(p, val, out_ndim, role)
+                if p.is_shard() and want == R and val.is_floating_point() and val.requires_grad:
+                    raise LoweringError(f"{node.name}: {a.name} is whole on every rank next to a split product; "
+                                        "its partial gradient is not lowered")
+                self._convert(node, a, want)
         elif isinstance(mod, runtime.ReplicatedLocal):
             for a in node.all_input_nodes:
                 if self.pl.get(a) not in (None, R):  # DTensor would gather it inside the module
