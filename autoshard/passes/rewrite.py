@@ -27,7 +27,7 @@ from autoshard.ops.layout import stride_order
 from autoshard.passes.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.passes.capture import Captured, retarget_devices
 from autoshard.passes.propagate import PlacementSimulator
-from autoshard.passes.simplify import is_view
+from autoshard.passes.simplify import view_root
 from autoshard.plan import Plan, parse_placement
 from autoshard.runtime import ConsistentGrad, LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
 
@@ -229,9 +229,7 @@ def _written_placeholder(node: fx.Node) -> fx.Node | None:
     schema = node.target._schema
     for i, arg in enumerate(schema.arguments):
         if arg.alias_info is not None and arg.alias_info.is_write:
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            while isinstance(value, fx.Node) and value.op == "call_function" and is_view(value):
-                value = value.args[0]
+            value = view_root(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
             if isinstance(value, fx.Node) and value.op == "placeholder":
                 return value
     return None

@@ -59,7 +59,7 @@ def drop_empty_cat_inputs(gm: torch.fx.GraphModule) -> bool:
             continue
         tensors = node.args[0]
         keep = [t for t in tensors if not _legacy_empty(t)]
-        if keep and len(keep) < len(tensors) and not all(_legacy_empty(t) for t in tensors):
+        if keep and len(keep) < len(tensors):
             node.args = (keep, *node.args[1:])
             changed = True
     return changed
@@ -157,9 +157,7 @@ def out_of_place_updates(gm: torch.fx.GraphModule) -> bool:
         if pure is None:
             continue
         target = node.args[0]
-        root = target
-        while root.op == "call_function" and is_view(root):
-            root = root.args[0]
+        root = view_root(target)
         if root.op != "call_function":
             continue  # model state or an input: a real write, left to the rewrite's checks
         aliases = _aliases(root)
@@ -196,6 +194,13 @@ def is_view(node: torch.fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return bool(schema and schema.arguments and schema.arguments[0].alias_info is not None
                 and not schema.arguments[0].alias_info.is_write and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def view_root(value):
+    """The tensor `value` is a view of, through any chain of view ops (itself if none)."""
+    while isinstance(value, torch.fx.Node) and value.op == "call_function" and is_view(value):
+        value = value.args[0]
+    return value
 
 
 def _aliases(root: torch.fx.Node) -> list:
