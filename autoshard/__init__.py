@@ -5,8 +5,8 @@
 """
 
 from autoshard.api import autoshard, plan
-from autoshard.errors import PlanError
-from autoshard.plan import Plan
+from autoshard.schema.errors import PlanError
+from autoshard.schema.plan import Plan
 
 __all__ = ["autoshard", "plan", "Plan", "PlanError"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Plan a model from a transformers config for a mesh of GPUs, with no GPU: the model is built "
         "on meta, a fake process group stands in for the cluster, identical layers are planned once.",
     )
-    from autoshard.cli_plan import add_arguments
+    from autoshard.cli.plan import add_arguments
 
     add_arguments(plan)
 
@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
-        from autoshard.demo import run_demo
+        from autoshard.cli.demo import run_demo
 
         run_demo(args.world_size, args.config, args.seq)
         return 0
     if args.command == "plan":
-        from autoshard.cli_plan import run
+        from autoshard.cli.plan import run
 
         return run(args)
     if args.command == "calibrate":
-        from autoshard.cost_models.calibrate import main as calibrate_main
+        from autoshard.cli.calibrate import main as calibrate_main
 
         return calibrate_main(args.rest)
     return 2

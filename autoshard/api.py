@@ -6,22 +6,22 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from autoshard.distribute import distribute_parameters
-from autoshard.diagnose import refuse_fallbacks
-from autoshard.dry_run import dry_run
-from autoshard.compile import finish
-from autoshard.errors import PlanError
-from autoshard.fsdp import cast_parameters, data_parallel, resolve_fsdp
-from autoshard.mesh import mesh_info, tensor_parallel_mesh
-from autoshard.passes.analyse import analyse
-from autoshard.passes.capture import Captured, capture, isolated_from_caller, meta_skeleton
-from autoshard.passes.choose import choose
-from autoshard.passes.label import label
-from autoshard.passes.propagate import PlacementSimulator
-from autoshard.passes.rewrite import rewrite_graph
-from autoshard.plan import Plan
-from autoshard.sharded_module import ShardedModule
-from autoshard.validate import agree_across_ranks, check_plan_matches
+from autoshard.distributed.parameters import distribute_parameters
+from autoshard.choose.diagnose import refuse_fallbacks
+from autoshard.execute.dry_run import dry_run
+from autoshard.execute.runners import finish
+from autoshard.schema.errors import PlanError
+from autoshard.distributed.fsdp import cast_parameters, data_parallel, resolve_fsdp
+from autoshard.distributed.mesh import mesh_info, tensor_parallel_mesh
+from autoshard.graph.analyse import analyse
+from autoshard.graph.capture import Captured, capture, isolated_from_caller, meta_skeleton
+from autoshard.choose.choose import choose
+from autoshard.graph.label import label
+from autoshard.graph.simulate import PlacementSimulator
+from autoshard.execute.rewrite import rewrite_graph
+from autoshard.schema.plan import Plan
+from autoshard.execute.module import ShardedModule
+from autoshard.distributed.agree import agree_across_ranks, check_plan_matches
 
 
 def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None, strict: bool = False,

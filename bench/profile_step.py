@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.train_step import BATCH, SEQ, CONFIG, _build, _free_port, _ids, _loss, _machine
+from autoshard.distributed.mesh import free_port
+from bench.train_step import BATCH, SEQ, CONFIG, _build, _ids, _loss, _machine
 
 VARIANTS = ["hand eager", "hand compiled", "autoshard eager", "autoshard lowered", "autoshard compiled"]
 GROUPS = {  # profiler op name prefix -> group (first match wins)
@@ -99,7 +100,7 @@ def main() -> int:
     machine = _machine()
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, _free_port(), args, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), args, out), nprocs=2, start_method="spawn")
     text = report(out.get(), machine, args.steps)
     Path(args.out).write_text(text)
     print(text)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from autoshard.mesh import free_port
+from autoshard.distributed.mesh import free_port
 
 MODELS = [  # (config, overrides, batch, seq)
     ("tiny-llama", {}, 2, 64),

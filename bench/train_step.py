@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from autoshard.mesh import free_port
+from autoshard.distributed.mesh import free_port
 
 CONFIG = ("tiny-llama", {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
                          "num_key_value_heads": 8, "num_hidden_layers": 2, "vocab_size": 4096})
@@ -64,7 +64,7 @@ def _build(variant: str, mesh, backend: str, notes: list):
     import contextlib
 
     import autoshard
-    from bench.hand_plan import apply_hand_plan, finalize_grads, hand_plan_context
+    from autoshard.testing.hand_plan import apply_hand_plan, finalize_grads, hand_plan_context
 
     model = _model()
     if variant.startswith("hand"):

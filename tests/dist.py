@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-from autoshard.mesh import free_port
+from autoshard.distributed.mesh import free_port
 
 TASK_TIMEOUT_S = float(os.environ.get("AUTOSHARD_TEST_TIMEOUT", "300"))
 

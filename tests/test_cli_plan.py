@@ -7,10 +7,10 @@ import json
 import pytest
 
 from autoshard.__main__ import main
-from autoshard.cli_plan import parse_mesh
-from autoshard.plan import Plan
-from autoshard.planning.memory import param_bytes_per_rank
-from autoshard.units import format_bytes as _bytes
+from autoshard.cli.plan import parse_mesh
+from autoshard.schema.plan import Plan
+from autoshard.scale.memory import param_bytes_per_rank
+from autoshard.schema.units import format_bytes as _bytes
 
 
 def test_plan_prints_the_cost_models_numbers_for_h100(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_plan_prints_the_cost_models_numbers_for_h100(tmp_path, capsys):
     # the plan covers all 32 layers, and its estimate is for all of them (scaled from 4)
     assert "model.layers.31.mlp.down_proj.weight" in plan.params
     assert est["scaled"]["n_layers"] == 32 and est["scaled"]["captured_layers"] == 4
-    assert est["memory_bytes"]["params"] == param_bytes_per_rank(plan)[0]   # exact (tests/test_planning.py)
+    assert est["memory_bytes"]["params"] == param_bytes_per_rank(plan)[0]   # exact (tests/test_scale.py)
     assert "planned 4 of 32 identical layers of model.layers, grown to all 32" in text
 
 

@@ -167,7 +167,7 @@ def test_plan_for_another_mesh_or_model_is_refused(ranks2, ranks4):
 def _disagreeing_ranks():
     import autoshard
     from autoshard import PlanError
-    from autoshard.validate import agree_across_ranks
+    from autoshard.distributed.agree import agree_across_ranks
 
     rank = dist.get_rank()
     out = {}

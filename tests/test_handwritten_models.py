@@ -106,7 +106,7 @@ def test_nanogpt_exact_tp4(ranks4):
 
 def _collectives_vs_tutorial_plan() -> dict:
     import autoshard
-    from bench.hand_plan import _register_cpu_sdpa_sharding, finalize_grads
+    from autoshard.testing.hand_plan import _register_cpu_sdpa_sharding, finalize_grads
     from tests.models.llama2_tutorial import tutorial_plan
 
     _register_cpu_sdpa_sharding()  # the tutorial's plan runs CPU SDPA on DTensors

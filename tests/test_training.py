@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from autoshard.mesh import free_port
+from autoshard.distributed.mesh import free_port
 from tests.helpers import ATOL, full, inputs, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +142,7 @@ def _optimizer_step_collectives():
     from torch.distributed.device_mesh import init_device_mesh
 
     import autoshard
-    from bench.hand_plan import apply_hand_plan, count_collectives, hand_plan_context
+    from autoshard.testing.hand_plan import apply_hand_plan, count_collectives, hand_plan_context
 
     warnings.filterwarnings("ignore")
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))

@@ -1,0 +1,167 @@
+"""Pass 3 — label: find the regions that can run sharded, from dataflow alone.
+
+A *column group* is a set of linears (parameter weights) that read the same activation. Starting
+from their outputs sharded on the feature dim (weights `Shard(0)`), the region grows through the
+graph in topological order; each node joins only if DTensor's sharding propagation runs it on the
+shards with no communication. Growth stops at
+- a linear reading the sharded features: a *row* linear (weight `Shard(1)`, output `Partial`),
+- the loss on vocab-sharded logits (loss parallel), or a graph output (gathered at the end).
+Anything else that would need communication makes the candidate illegal, with the node and the
+reason recorded. A group that fails as a whole is retried linear by linear: that is how attention
+whose K/V projections cannot be split keeps Q sharded and K/V replicated.
+
+Embedding tables are vocab-parallel (`Shard(0)`, masked partial output) when the propagator agrees.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from torch import fx
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+from autoshard.graph.analyse import GraphAnalysis, Role
+from autoshard.graph.simulate import PlacementSimulator, Simulation
+
+REPLICATE = Replicate()
+
+
+@dataclass
+class Candidate:
+    """A region that may run sharded, and whether it can."""
+
+    kind: str                          # "column_row" | "column_output" | "embedding"
+    column: list[str]                  # linear (or embedding) node names
+    inputs: list[str]                  # activations the column nodes read (must be replicated)
+    row: list[str] = field(default_factory=list)
+    nodes: set[str] = field(default_factory=set)   # interior nodes running on shards
+    outputs: list[str] = field(default_factory=list)  # interior nodes returned by the graph
+    loss_nodes: list[str] = field(default_factory=list)
+    legal: bool = True
+    reason: str = ""
+
+
+@dataclass
+class Labels:
+    analysis: GraphAnalysis
+    candidates: list[Candidate]
+
+    def legal(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.legal]
+
+
+def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
+    order = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
+    candidates: list[Candidate] = []
+    rows: set[str] = set()
+
+    groups: dict[str, list[fx.Node]] = {}
+    for lin in analysis.linears():
+        groups.setdefault(lin.args[0].name, []).append(lin)
+    for x_name in sorted(groups, key=order.__getitem__):
+        group = [n for n in groups[x_name] if n.name not in rows]
+        if not group:
+            continue
+        tried = _grow(analysis, simulator, order, group)
+        if not tried.legal and len(group) > 1:
+            singles = [_grow(analysis, simulator, order, [lin]) for lin in group]
+            legal = [c for c in singles if c.legal]
+            tried.reason = f"{tried.reason}; split per linear: {len(legal)} of {len(group)} legal alone"
+            candidates.append(tried)
+            candidates.extend(singles)
+            rows.update(r for c in legal for r in c.row)
+            continue
+        candidates.append(tried)
+        if tried.legal:
+            rows.update(tried.row)
+    candidates.extend(_embedding_candidate(analysis, simulator, n) for n in analysis.of_role(Role.EMBEDDING))
+    return Labels(analysis, candidates)
+
+
+def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int], group: list[fx.Node]) -> Candidate:
+    cand = Candidate(kind="column_row", column=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
+    params = {}
+    for lin in group:
+        params[analysis.param_of(lin.args[1])] = Shard(0)
+        if len(lin.args) > 2 and analysis.param_of(lin.args[2]):
+            params[analysis.param_of(lin.args[2])] = Shard(0)
+    region: set[str] = set()
+    heap = [(order[n.name], n.name) for n in group]
+    heapq.heapify(heap)
+    seen = {n.name for n in group}
+    result = Simulation()
+    while heap:
+        _, name = heapq.heappop(heap)
+        node = analysis.nodes[name]
+        role = analysis.roles[name]
+        if role is Role.OUTPUT:
+            cand.outputs.extend(n.name for n in node.all_input_nodes if n.name in region)
+            continue
+        is_row = role is Role.LINEAR and name not in cand.column
+        if is_row:
+            if node.args[0].name not in region:
+                return _illegal(cand, f"{name} reads a sharded value as its weight or bias")
+            params[analysis.param_of(node.args[1])] = Shard(1)
+        region.add(name)
+        before = len(result.redistributions)
+        spec = sim.step(result, node, params, nodes=region)
+        if result.unsupported.get(name):
+            return _illegal(cand, f"{name} ({node.target}): {result.unsupported[name]}")
+        moved = [r for r in result.redistributions[before:] if r.collective]
+        if moved:
+            r = moved[0]
+            return _illegal(cand, f"{name} ({node.target}) would need {r.collective} of {r.source} ({r.src} -> {r.dst})")
+        if is_row:
+            if not (isinstance(spec, DTensorSpec) and spec.placements[0].is_partial()):
+                return _illegal(cand, f"{name} does not reduce the sharded features")
+            cand.row.append(name)
+            continue
+        if role is Role.LOSS:
+            cand.loss_nodes.append(name)
+        if isinstance(spec, DTensorSpec) and spec.placements[0].is_partial():
+            return _illegal(cand, f"{name} ({node.target}) produces a partial sum outside a row linear")
+        for user in node.users:
+            if user.name not in seen and analysis.roles[user.name] is not Role.ASSERT:
+                seen.add(user.name)
+                heapq.heappush(heap, (order[user.name], user.name))
+    cand.nodes = region - set(cand.row)
+    if not cand.row:
+        cand.kind = "column_output"
+        if not cand.outputs and not cand.loss_nodes:
+            return _illegal(cand, "the sharded features never reach a row linear, a loss or an output")
+    cand.reason = _why(cand, result)
+    return cand
+
+
+def _why(c: Candidate, _sim: Simulation) -> str:
+    if c.kind == "column_row":
+        return f"{len(c.column)} column linear(s) reach {len(c.row)} row linear(s) through {len(c.nodes)} shard-local ops"
+    ends = " and ".join(x for x in ("loss parallel" if c.loss_nodes else "", "graph output" if c.outputs else "") if x)
+    return f"column linear feeding {ends} through {len(c.nodes)} shard-local ops"
+
+
+def _illegal(c: Candidate, reason: str) -> Candidate:
+    c.legal = False
+    c.reason = reason
+    return c
+
+
+def _embedding_candidate(analysis: GraphAnalysis, sim: PlacementSimulator, node: fx.Node) -> Candidate:
+    cand = Candidate(kind="embedding", column=[node.name], inputs=[node.args[1].name])
+    fqn = analysis.param_of(node.args[0])
+    vocab, tp = int(node.args[0].meta["val"].shape[0]), sim.mesh.size()
+    if -(-vocab // tp) * (tp - 1) >= vocab:
+        # torch.chunk's layout leaves the last rank(s) no rows, and a lookup in an empty table
+        # fails on those ranks only (the others then wait in a collective)
+        return _illegal(cand, f"vocab of {vocab} rows over tp={tp} leaves a rank an empty shard (chunks of {-(-vocab // tp)})")
+    step = sim.run({fqn: Shard(0)}, nodes={node.name})
+    spec = step.specs.get(node.name)
+    if step.unsupported.get(node.name) or step.communication():
+        return _illegal(cand, f"vocab-parallel lookup not supported here: {step.unsupported.get(node.name, 'needs communication')}")
+    if not (isinstance(spec, DTensorSpec) and spec.placements[0].is_partial()):
+        return _illegal(cand, "the lookup on a vocab-sharded table does not give a masked partial sum")
+    cand.nodes = {node.name}
+    cand.reason = "vocab-parallel table: each rank looks up its vocab range, out-of-range ids masked"
+    return cand

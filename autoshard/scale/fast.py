@@ -1,0 +1,255 @@
+"""Plan a deep model at the cost of four of its layers.
+
+`plan_layers_once(model, mesh, inputs)` finds the stack of identical decoder layers, plans a
+copy of the model truncated to 4 of them with `autoshard.plan` (the first layer, two middle
+layers, the last one: everything a layer's plan can depend on, and enough layers for fx's node
+numbering to settle), checks on the captured graph that the layers really trace identically,
+and grows the plan to all layers (`expand_plan`). The result is the same Plan data that planning
+the full model gives (tests compare them on models small enough to plan in full). When the
+numbering has not settled it retries with 6 layers; when anything does not repeat exactly, it
+says why and plans the full model instead. The cost model's estimate is scaled to all layers from
+the truncation's per-node costs (`scaled_estimate.py`). A memory budget in bytes is not
+scale-free (4 layers fit where 80 do not): with one, the full model is planned.
+
+Only planning is shortened: `autoshard()` still captures and rewrites every layer.
+
+    result = plan_layers_once(model, mesh, {"input_ids": ids})
+    result.plan            # Plan for every layer
+    result.timings         # {"capture": s, "analyse": s, "label": s, "choose": s, "expand": s, "estimate": s}
+    result.fallback        # "" when a truncation was planned, else why the full model was
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from autoshard import api
+from autoshard.distributed.mesh import mesh_info
+from autoshard.graph.capture import Captured
+from autoshard.choose.choose import _LAYOUT_TEXT, _fmt_bytes, resolve_hardware
+from autoshard.schema.plan import Plan
+from autoshard.scale.expand import expand_plan
+from autoshard.graph.layers import LayerStack, find_layer_stack, truncated
+from autoshard.scale.names import LayerNames, NotRepeating, Unsettled
+from autoshard.scale.scaled_estimate import scaled_estimate
+
+# the passes `autoshard.plan` runs, in order; timed by wrapping them while it runs
+PHASES = ("capture", "analyse", "PlacementSimulator", "label", "choose")
+ATTEMPTS = (4, 6)  # layers to capture: the name stride settles after 1-3 layers (see names.py)
+
+Progress = Callable[[str, str, float | None], None]  # (phase, detail, seconds or None at start)
+
+
+@dataclass
+class PlanningResult:
+    plan: Plan
+    timings: dict[str, float] = field(default_factory=dict)
+    stack: LayerStack | None = None
+    captured_layers: int | None = None   # layers captured, or None when planned in full
+    captured: Captured | None = None     # the graph that was planned (the truncation's)
+    fallback: str = ""                   # why the full model was planned, "" when it was not
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.timings.values())
+
+
+def plan_layers_once(
+    model: nn.Module,
+    mesh,
+    example_inputs=None,
+    *,
+    sequence_parallel: bool | None = None,
+    progress: Progress | None = None,
+    verify: bool = False,
+    attempts: tuple[int, ...] = ATTEMPTS,
+    **plan_kwargs,
+) -> PlanningResult:
+    """The plan of `model` over `mesh`, capturing a few of its identical layers (see module doc).
+
+    `attempts`: layer counts to capture, in order; the next is tried while the layers' node
+    names have not settled into a fixed stride. `verify=True` also plans one layer more and
+    checks that the grown plan equals it. Extra keyword arguments go to `autoshard.plan`.
+    """
+    result = PlanningResult(plan=None)  # type: ignore[arg-type]
+    stack, why = find_layer_stack(model)
+    result.stack = stack
+    result.fallback = why if attempts else "full capture requested"
+    if attempts and not scale_free_budget(plan_kwargs.get("memory_budget")):
+        attempts = ()
+        result.fallback = (f"memory_budget={plan_kwargs['memory_budget']!r} bounds the whole model's memory, which a "
+                           "truncation does not have: planned in full")
+    for keep in attempts:
+        if stack is None or stack.count <= keep:
+            result.fallback = result.fallback or f"{stack.path} has {stack.count} layers: planned in full"
+            break
+        try:
+            return _plan_truncated(model, mesh, example_inputs, stack, keep, result, sequence_parallel, progress, verify, plan_kwargs)
+        except Unsettled as e:
+            result.fallback = f"node names of {stack.path} not settled after {keep} layers ({e}): planned in full"
+        except NotRepeating as e:
+            result.fallback = f"layers of {stack.path} do not repeat exactly ({e}): planned in full"
+            break
+    with _timed_passes(result.timings, progress, f"all {stack.count} layers" if stack else "the full model") as last:
+        result.plan = api.plan(model, mesh, example_inputs, sequence_parallel=sequence_parallel, **plan_kwargs)
+    result.captured = last.get("capture")
+    return result
+
+
+def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, verify, plan_kwargs) -> PlanningResult:
+    small = truncated(model, stack, keep)
+    with _timed_passes(result.timings, progress, f"{keep} of {stack.count} layers") as last:
+        plan = api.plan(small, mesh, inputs, sequence_parallel=sp, **plan_kwargs)
+    captured = last["capture"]
+    t0 = _start(progress, "expand", f"to {stack.count} layers")
+    names = LayerNames.from_captured(captured, stack.path, stack.count)
+    full = expand_plan(plan, names)
+    result.timings["expand"] = result.timings.get("expand", 0.0) + _stop(progress, "expand", t0)
+
+    if plan.estimate is not None:
+        # the cost model's numbers for all layers: the truncation's per-node costs, layer T counted N-K+1 times
+        t0 = _start(progress, "estimate", f"scaled to {stack.count} layers")
+        profile = resolve_hardware(plan_kwargs.get("hardware"), mesh_info(mesh))
+        full.estimate = scaled_estimate(last["analyse"], last["PlacementSimulator"], plan, profile, names)
+        full.estimate["budget"] = _scaled_budget(plan.estimate.get("budget"), full.estimate, keep)
+        full.estimate["solver"] = {**plan.estimate.get("solver", {}), "planned_layers": keep}
+        full.notes = [_scaled_layout_note(n, full.stream, full.estimate, keep) for n in full.notes]
+        result.timings["estimate"] = _stop(progress, "estimate", t0)
+    if verify:
+        # one layer more, planned for real: the grown plan (and its estimate) must equal it
+        with _timed_passes(result.timings, progress, f"{keep + 1} of {stack.count} layers (check)"):
+            bigger = api.plan(truncated(model, stack, keep + 1), mesh, inputs, sequence_parallel=sp, **plan_kwargs)
+        names_k1 = LayerNames.from_captured(captured, stack.path, keep + 1)
+        grown = expand_plan(plan, names_k1)
+        if plan.estimate is not None:
+            check = scaled_estimate(last["analyse"], last["PlacementSimulator"], plan, profile, names_k1)
+            _check_estimate(check, bigger.estimate, keep + 1)
+        # the layout note quotes solver totals, which can differ from the estimate (choose prices a
+        # tied table whole in the solver); the estimate was just compared, so leave the note out
+        if _comparable(grown) != _comparable(bigger):
+            raise NotRepeating(f"the {keep}-layer plan grown to {keep + 1} layers differs from the {keep + 1}-layer plan")
+    result.plan = full
+    result.captured = captured
+    result.captured_layers = keep
+    result.fallback = ""
+    return result
+
+
+_CANDIDATE_KEYS = ("strategy", "layout", "legal", "chosen", "column")
+
+
+def _comparable(plan: Plan) -> dict:
+    """What `verify` compares: the plan without the priced numbers that are not per layer — the
+    estimate (compared on its own), the layout note quoting solver totals, and each region's
+    candidate costs (a bucketed gradient all-reduce is charged to the region of its first
+    parameter, which moves as layers are added)."""
+    data = asdict(plan)
+    data["estimate"] = None
+    data["notes"] = [n for n in data["notes"] if not (n.startswith(_LAYOUT_NOTE) and "(best plans per stream layout" in n)]
+    for region in data["regions"]:
+        region["candidates"] = [{k: c.get(k) for k in _CANDIDATE_KEYS} for c in region["candidates"]]
+    return data
+
+
+def _scaled_budget(budget: dict | None, scaled: dict, keep: int) -> dict | None:
+    """The budget entry for all layers. Only scale-free budgets reach here (see `scale_free_budget`):
+    the default one is the smallest memory, which the chosen plan reaches; 'none' has no limit."""
+    if not budget:
+        return budget
+    out = {**budget, "planned_on": f"a {keep}-layer truncation; the choice is per layer, so it holds for all layers"}
+    if budget.get("policy") == "default":
+        out["bytes"] = out["smallest_feasible_bytes"] = scaled["memory_bytes"]["total"]
+    else:
+        out.pop("smallest_feasible_bytes", None)  # known for the truncation only
+    return out
+
+
+_LAYOUT_NOTE = "residual stream "
+_PRICED = re.compile(r"(?P<layout>[a-z-]+): (?P<ms>[0-9.]+) ms, (?P<mem>[0-9.]+ [KMGT]?i?B)/rank")
+
+
+def _scaled_layout_note(note: str, stream: str, estimate: dict, keep: int) -> str:
+    """choose's note comparing stream layouts quotes the truncation's step time and memory: the
+    chosen layout's numbers become the whole model's; any other layout's priced numbers are the
+    truncation's, and the note says so."""
+    if not note.startswith(_LAYOUT_NOTE) or "(best plans per stream layout" not in note:
+        return note
+    chosen = _LAYOUT_TEXT[stream]
+    others = False
+
+    def sub(m):
+        nonlocal others
+        if m.group("layout") != chosen:
+            others = True
+            return m.group(0)
+        return f"{chosen}: {estimate['time_s']['total'] * 1e3:.3f} ms, {_fmt_bytes(estimate['memory_bytes']['total'])}/rank"
+
+    out = _PRICED.sub(sub, note)
+    return out + (f" [other layouts priced on the {keep}-layer truncation planned]" if others else "")
+
+
+def _check_estimate(scaled: dict, planned: dict, layers: int, rel: float = 1e-9) -> None:
+    """The scaled estimate must equal the estimate of a plan of that many layers (exact bytes)."""
+    if scaled["memory_bytes"] != planned["memory_bytes"] or scaled["communication"] != planned["communication"]:
+        raise NotRepeating(f"the estimate scaled to {layers} layers differs from the {layers}-layer plan's: "
+                           f"{scaled['memory_bytes']} / {scaled['communication']} vs {planned['memory_bytes']} / {planned['communication']}")
+    for k, v in planned["time_s"].items():
+        if abs(scaled["time_s"][k] - v) > rel * max(abs(v), 1e-30):
+            raise NotRepeating(f"the {k} time scaled to {layers} layers, {scaled['time_s'][k]}, differs from the {layers}-layer plan's {v}")
+
+
+def scale_free_budget(memory_budget) -> bool:
+    """Is the choice on a truncation the choice for all layers? Yes for the default budget (smallest
+    memory: each region at its smallest) and 'none' (each region at its fastest); a byte budget is
+    not: 4 layers fit where 80 do not."""
+    return memory_budget is None or (isinstance(memory_budget, str) and memory_budget.strip().lower() in ("none", "inf", "unlimited"))
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+def _start(progress, phase, detail) -> float:
+    if progress:
+        progress(phase, detail, None)
+    return time.perf_counter()
+
+
+def _stop(progress, phase, t0) -> float:
+    dt = time.perf_counter() - t0
+    if progress:
+        progress(phase, "", dt)
+    return dt
+
+
+@contextmanager
+def _timed_passes(timings: dict[str, float], progress: Progress | None, detail: str):
+    """Time each pass `autoshard.plan` calls (wrapping the names in `autoshard.api`), and keep
+    each pass's last result (the Captured graph is needed to grow the plan)."""
+    originals = {name: getattr(api, name) for name in PHASES if hasattr(api, name)}
+    last: dict = {}
+
+    def wrap(name, fn):
+        phase = "analyse" if name == "PlacementSimulator" else name
+
+        shown = progress if name != "PlacementSimulator" else None  # one "analyse" line, not two
+
+        def timed(*args, **kwargs):
+            t0 = _start(shown, phase, detail if phase == "capture" else "")
+            out = fn(*args, **kwargs)
+            timings[phase] = timings.get(phase, 0.0) + _stop(shown, phase, t0)
+            last[name] = out
+            return out
+
+        return timed
+
+    try:
+        for name, fn in originals.items():
+            setattr(api, name, wrap(name, fn))
+        yield last
+    finally:
+        for name, fn in originals.items():
+            setattr(api, name, fn)

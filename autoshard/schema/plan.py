@@ -1,0 +1,155 @@
+"""The plan: plain data saying where every parameter lives, which regions run sharded, and which
+collectives run at region boundaries — with the reason for each. JSON in and out (no pickle, no
+eval), a readable report, `explain(name)`, and the equivalent `parallelize_module` plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
+
+from autoshard.schema.errors import PlanError
+
+PLAN_FORMAT = 1
+
+
+def placement_str(p: Placement) -> str:
+    if isinstance(p, Shard):
+        return f"Shard({p.dim})"
+    if isinstance(p, Partial):
+        return "Partial()"
+    return "Replicate()"
+
+
+_PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\(\)$")
+
+
+def parse_placement(text: str) -> Placement:
+    m = _PLACEMENT.match(text.strip())
+    if not m:
+        raise PlanError(f"not a placement: {text!r} (expected Shard(d), Replicate() or Partial())")
+    if m.group(1):
+        return Shard(int(m.group(2)))
+    return Replicate() if m.group(3) else Partial()
+
+
+@dataclass
+class ParamPlan:
+    fqn: str
+    placement: str                 # "Shard(0)" | "Shard(1)" | "Replicate()"
+    shape: list[int]
+    dtype: str
+    region: str | None
+    reason: str
+    grad_reduce: bool = False      # replicated, used on shards: partial grads summed over tp
+    tied_to: str | None = None
+
+
+@dataclass
+class RegionPlan:
+    name: str
+    kind: str                      # "column_row" | "column_output" | "embedding"
+    strategy: str                  # "sharded" | "replicated"
+    column: list[str]              # parameter FQNs of the column (or embedding) side
+    row: list[str]
+    nodes: list[str]               # graph nodes of the region
+    reason: str
+    loss_parallel: bool = False
+    candidates: list[dict] = field(default_factory=list)  # every option considered, for explain()
+
+
+@dataclass
+class BoundaryPlan:
+    node: str                      # the producer whose output changes layout
+    src: str
+    dst: str
+    collective: str | None         # None: a local slice, no communication
+    bytes: int                     # global tensor bytes at the example shape (NCCL's S)
+    reason: str
+    kind: str = "redistribute"     # "redistribute" (a graph node) | "output" | "loss" (inside the op)
+
+
+@dataclass
+class Plan:
+    format: int
+    model: str
+    fingerprint: str
+    mesh: dict                     # shape, dim_names, tp_dim, tp, device_type
+    stream: str                    # "sequence_parallel" | "replicated"
+    params: dict[str, ParamPlan]
+    regions: list[RegionPlan]
+    boundaries: list[BoundaryPlan]
+    attention: dict[str, str] = field(default_factory=dict)      # sdpa node -> "Shard(1)" etc.
+    loss_parallel: list[str] = field(default_factory=list)       # cross-entropy nodes
+    sharded_outputs: list[str] = field(default_factory=list)     # outputs returned as DTensors
+    implicit: list[dict] = field(default_factory=list)           # redistributions not planned
+    notes: list[str] = field(default_factory=list)
+    estimate: dict | None = None
+
+    # ---- data -----------------------------------------------------------------------------------
+    def placements(self) -> dict[str, Placement]:
+        return {fqn: parse_placement(p.placement) for fqn, p in self.params.items()}
+
+    def boundary_placements(self) -> dict[str, Placement]:
+        return {b.node: parse_placement(b.dst) for b in self.boundaries if b.kind == "redistribute"}
+
+    def collective_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for b in self.boundaries:
+            if b.collective:
+                counts[b.collective] = counts.get(b.collective, 0) + 1
+        return counts
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(asdict(self), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan JSON does not parse: {e}") from None
+        if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not an autoshard plan of format {PLAN_FORMAT} (got format={raw.get('format') if isinstance(raw, dict) else None!r})")
+        try:
+            raw["params"] = {k: ParamPlan(**v) for k, v in raw["params"].items()}
+            raw["regions"] = [RegionPlan(**r) for r in raw["regions"]]
+            raw["boundaries"] = [BoundaryPlan(**b) for b in raw["boundaries"]]
+            plan = cls(**raw)
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"plan JSON is missing or has unknown fields: {e}") from None
+        for p in plan.params.values():
+            parse_placement(p.placement)
+        return plan
+
+    def digest(self) -> str:
+        """A hash of everything that decides runtime behaviour (ranks compare it)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("estimate", "notes")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def report(self) -> str:
+        from autoshard.schema.report import render_report
+
+        return render_report(self)
+
+    def explain(self, name: str) -> str:
+        from autoshard.schema.report import render_explain
+
+        return render_explain(self, name)
+
+    def to_parallelize_plan(self) -> dict[str, Any]:
+        from autoshard.schema.export_plan import to_parallelize_plan
+
+        return to_parallelize_plan(self)
+
+
+def model_fingerprint(model_name: str, params: dict[str, tuple[list[int], str]]) -> str:
+    text = model_name + ";" + ";".join(f"{k}:{v[0]}:{v[1]}" for k, v in sorted(params.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

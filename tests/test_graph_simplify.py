@@ -1,0 +1,141 @@
+"""`passes/simplify`: graph clean-ups after capture keep every value and every gradient of the
+model, and leave the graph in a form the placement passes can see into."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from autoshard.graph import simplify
+
+HOP = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+
+class NoGradRegions(nn.Module):
+    """A table looked up under `no_grad` (Marian's sinusoidal positions) and a no-grad helper that
+    passes its input through `.to()` of its own dtype (Dots3's indexer), whose caller keeps using it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(16, 8)
+        self.proj = nn.Linear(8, 8)
+        self.score = nn.Linear(8, 1)
+
+    @torch.no_grad()
+    def scores(self, h):
+        h = h.to(self.score.weight.dtype)  # returns `h` itself; export then traces the caller's h through here
+        return self.score(h).argmax(-1), h
+
+    def forward(self, x, ids):
+        with torch.no_grad():
+            pos = self.table(ids)
+        h = self.proj(x + pos)
+        best, h = self.scores(h)
+        return (h * 2).sum() + best.float().sum()
+
+
+def _exported(model, args):
+    return torch.export.export(model, args, strict=False)
+
+
+def _grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_no_grad_regions_are_inlined_with_the_gradients_eager_has():
+    torch.manual_seed(0)
+    model = NoGradRegions()
+    args = (torch.randn(2, 3, 8, requires_grad=True), torch.randint(0, 16, (2, 3)))
+    ref = copy.deepcopy(model)
+    ep = _exported(model, args)
+    assert any(n.target is HOP for n in ep.graph_module.graph.nodes)
+    assert simplify.inline_no_grad_regions(ep.graph_module)
+    ep.graph_module.recompile()
+    assert not any(n.target is HOP for n in ep.graph_module.graph.nodes)
+
+    out = ep.module()(*args)
+    expect = ref(*args)
+    assert torch.equal(out, expect)
+    out.backward()
+    expect.backward()
+    got, want = _grads(model), _grads(ref)
+    assert want["table.weight"] is None and got["table.weight"] is None      # looked up under no_grad
+    assert want["score.weight"] is None and got["score.weight"] is None      # only an argmax leaves the region
+    assert want["proj.weight"] is not None                                    # ... but `h` flows on, with its gradient
+    for name in ("proj.weight", "proj.bias"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+class EmptyCache(nn.Module):
+    """XLM's cache: a 1-D empty tensor concatenated with 4-D keys (torch.cat's legacy rule)."""
+
+    def forward(self, k):
+        return torch.cat([torch.tensor([]), k], dim=-2) * 3
+
+
+def test_empty_cat_operand_is_dropped():
+    k = torch.randn(2, 4, 5, 8)
+    ep = _exported(EmptyCache(), (k,))
+    cats = [n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert len(cats[0].args[0]) == 2
+    assert simplify.drop_empty_cat_inputs(ep.graph_module)
+    ep.graph_module.recompile()
+    assert len(cats[0].args[0]) == 1
+    assert torch.equal(ep.module()(k), EmptyCache()(k))
+
+
+class LogSigmoid(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.logsigmoid(x)
+
+
+def test_log_sigmoid_becomes_softplus_with_equal_values_and_gradients():
+    x = torch.tensor([-100.0, -20.5, -3.0, -1e-3, 0.0, 1e-3, 2.0, 20.5, 100.0])
+    ep = _exported(LogSigmoid(), (x,))
+    assert simplify.log_sigmoid_as_softplus(ep.graph_module)
+    ep.graph_module.recompile()
+    targets = {n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.log_sigmoid.default not in targets and torch.ops.aten.softplus.default in targets
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), torch.nn.functional.logsigmoid(b)
+    torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-7)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+class Updates(nn.Module):
+    """`corrected += predictions` on a permuted projection (Gemma3n's AltUp), and a write through
+    a slice whose base is read afterwards, which must stay a write."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, z):
+        corrected = self.lin(x).permute(1, 0, 2)
+        corrected += z
+        a = self.lin(z)
+        a[:, :2].mul_(2)
+        return corrected.sum() + (a * a).sum()
+
+
+def test_in_place_update_of_a_fresh_tensor_becomes_out_of_place_unless_an_alias_reads_it():
+    torch.manual_seed(0)
+    model = Updates()
+    ref = copy.deepcopy(model)
+    x, z = torch.randn(2, 3, 8), torch.randn(3, 2, 8)
+    ep = _exported(model, (x, z))
+    assert simplify.out_of_place_updates(ep.graph_module)
+    ep.graph_module.recompile()
+    targets = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.add_.Tensor not in targets and torch.ops.aten.add.Tensor in targets
+    assert torch.ops.aten.mul_.Tensor in targets  # `a` is read after the write through its slice
+    out, expect = ep.module()(x, z), ref(x, z)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    out.backward()
+    expect.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, rtol=0, atol=0)
