@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     calibrate = sub.add_parser("calibrate", add_help=False, help="measure this machine's gloo collectives and matmul rate")
 
-    # calibrate's options belong to its own parser (cost_models/calibrate.py): pass them through
+    # calibrate's options belong to its own parser (cli/calibrate.py): pass them through
     args, rest = parser.parse_known_args(argv)
     if args.command == "calibrate":
         args.rest = rest

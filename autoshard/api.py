@@ -1,27 +1,53 @@
-"""`autoshard(model, mesh)`: the pipeline, one pass per line."""
+"""`autoshard(model, mesh)`: the pipeline, one pass per line.
+
+Planning one input signature produces a `PlanRun`: every pass's output, kept and passed down, so
+that nothing later (the rewrite, the lowering, growing a truncated plan to all layers) computes
+it again.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from autoshard.distributed.parameters import distribute_parameters
+from autoshard.choose import choose
 from autoshard.choose.diagnose import refuse_fallbacks
-from autoshard.execute.dry_run import dry_run
-from autoshard.execute.runners import finish
-from autoshard.schema.errors import PlanError
+from autoshard.distributed.agree import agree_across_ranks, check_plan_matches
 from autoshard.distributed.fsdp import cast_parameters, data_parallel, resolve_fsdp
 from autoshard.distributed.mesh import mesh_info, tensor_parallel_mesh
-from autoshard.graph.analyse import analyse
-from autoshard.graph.capture import Captured, capture, isolated_from_caller, meta_skeleton
-from autoshard.choose.choose import choose
-from autoshard.graph.label import label
-from autoshard.graph.simulate import PlacementSimulator
-from autoshard.execute.rewrite import rewrite_graph
-from autoshard.schema.plan import Plan
+from autoshard.distributed.parameters import distribute_parameters
+from autoshard.execute.dry_run import dry_run
 from autoshard.execute.module import ShardedModule
-from autoshard.distributed.agree import agree_across_ranks, check_plan_matches
+from autoshard.execute.rewrite import rewrite_graph
+from autoshard.execute.runners import DTensorExecution, finish
+from autoshard.graph.analyse import GraphAnalysis, analyse
+from autoshard.graph.capture import Captured, capture, isolated_from_caller, meta_skeleton
+from autoshard.graph.label import Labels, label
+from autoshard.graph.simulate import PlacementSimulator, Simulation, simulate
+from autoshard.schema.errors import PlanError
+from autoshard.schema.plan import Plan
+
+# (pass, detail, seconds): called with None when a pass starts and with its time when it ends
+Progress = Callable[[str, str, float | None], None]
+
+
+@dataclass
+class PlanRun:
+    """Everything planning one captured program produced, in pass order."""
+
+    captured: Captured
+    analysis: GraphAnalysis
+    simulator: PlacementSimulator
+    labels: Labels
+    plan: Plan
+    simulation: Simulation          # the plan's placements propagated over the graph
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per pass
+    graph: fx.GraphModule | None = None                       # the rewritten program (autoshard only)
 
 
 def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None, strict: bool = False,
@@ -33,11 +59,41 @@ def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_pa
     cpu-gloo on CPU meshes, h100-sxm otherwise). `memory_budget`: per-rank bytes, "24GiB",
     "device" or "none" (default: the smallest memory a legal plan reaches, the fastest there).
     """
-    captured = capture(model, example_inputs, device=tensor_parallel_mesh(mesh).device_type)
-    chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget)[1]
+    run = plan_model(model, mesh, example_inputs, sequence_parallel=sequence_parallel, hardware=hardware,
+                     memory_budget=memory_budget)
     if strict:
-        refuse_fallbacks(chosen, model, captured, sequence_parallel)
-    return chosen
+        refuse_fallbacks(run.plan, model, run.captured, sequence_parallel)
+    return run.plan
+
+
+def plan_model(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None, hardware=None,
+               memory_budget=None, pinned: dict[str, str] | None = None, progress: Progress | None = None,
+               detail: str = "") -> PlanRun:
+    """Capture `model` and plan it: the `PlanRun` of `autoshard.plan` (`progress` hears each pass)."""
+    timings: dict[str, float] = {}
+    with _timed("capture", timings, progress, detail):
+        captured = capture(model, example_inputs, device=tensor_parallel_mesh(mesh).device_type)  # 1. torch.export on fake tensors
+    return plan_captured(captured, mesh, sequence_parallel=sequence_parallel, hardware=hardware, memory_budget=memory_budget,
+                         pinned=pinned, progress=progress, timings=timings)
+
+
+def plan_captured(captured: Captured, mesh: DeviceMesh, *, sequence_parallel=None, hardware=None, memory_budget=None,
+                  pinned=None, progress: Progress | None = None, timings: dict | None = None) -> PlanRun:
+    """Passes 2-4 on a captured program. Planning simulates placements on fake tensors: a plan
+    depends on the model and mesh only, not on a CommDebugMode or FlopCounterMode the caller has active."""
+    timings = {} if timings is None else timings
+    with isolated_from_caller():
+        with _timed("analyse", timings, progress):
+            analysis = analyse(captured)                                              # 2. roles from dataflow
+            simulator = PlacementSimulator(analysis, tensor_parallel_mesh(mesh))
+        with _timed("label", timings, progress):
+            labels = label(analysis, simulator)                                       # 3. legal regions
+        with _timed("choose", timings, progress):
+            chosen = choose(labels, simulator, mesh_info(mesh), sequence_parallel, hardware=hardware,
+                            memory_budget=memory_budget, pinned=pinned)               # 4. the cost model's pick
+            # the plan's own placements (tied names share their table's): what every later pass follows
+            simulation = simulate(simulator, chosen)
+    return PlanRun(captured, analysis, simulator, labels, chosen, simulation, timings)
 
 
 def autoshard(
@@ -62,53 +118,50 @@ def autoshard(
     instead of falling back to replicating a region this tp cannot shard.
     `hardware`, `memory_budget`: what the cost model prices with and the per-rank limit (see `plan`).
     `fsdp`: on a mesh with dims besides "tp" (e.g. `("dp", "tp")`) FSDP2 shards over them, per
-    decoder layer and root (`autoshard.fsdp.data_parallel`); a dict passes its options
+    decoder layer and root (`autoshard.distributed.fsdp.data_parallel`); a dict passes its options
     (`mp_policy`, `reshard_after_forward`); False leaves data parallelism to the caller.
     `compile`: True (or a dict of `torch.compile` options) runs the program lowered to local tensors
     with explicit collectives, compiled with dynamic batch/sequence; `lower`: lowered, eager
-    (`autoshard.compile`; what cannot be lowered stays on DTensors, see `sharded.lowering_notes`).
+    (`execute/runners.py`; what cannot be lowered stays on DTensors, see `sharded.lowering_notes`).
     """
     tp_mesh = tensor_parallel_mesh(mesh)
     fsdp_options = resolve_fsdp(mesh, fsdp)
     skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
-    def build(inputs, fixed: Plan | None, pinned: dict[str, str] | None = None):
-        captured = capture(skeleton, inputs, device=tp_mesh.device_type)  # 1. torch.export on fake tensors
-        simulator, chosen = _plan(captured, mesh, sequence_parallel, hardware, memory_budget, pinned)  # 2-4. analyse, label, choose
+    def build(inputs, fixed: Plan | None = None, pinned: dict[str, str] | None = None) -> PlanRun:
+        run = plan_model(skeleton, mesh, inputs, sequence_parallel=sequence_parallel, hardware=hardware,
+                         memory_budget=memory_budget, pinned=pinned)                  # 1-4. capture, analyse, label, choose
         if fixed is not None:
-            check_plan_matches(fixed, chosen)
-            chosen = fixed
-        graph = rewrite_graph(captured, chosen, simulator, tp_mesh)  # 5. DTensor regions
-        dry_run(captured, graph, chosen, tp_mesh)                    # 6. forward + backward on fake tensors
-        return captured, chosen, graph
+            check_plan_matches(fixed, run.plan)
+            run.plan, run.simulation = fixed, simulate(run.simulator, fixed)
+        run.graph = rewrite_graph(run.captured, run.plan, run.simulation, tp_mesh)    # 5. DTensor regions
+        dry_run(run.captured, run.graph, run.plan, tp_mesh)                           # 6. forward + backward on fake tensors
+        agree_across_ranks(run.plan, tp_mesh)                                         #    every rank the same plan
+        return run
 
-    captured, chosen, graph = build(example_inputs, plan)
-    agree_across_ranks(chosen, tp_mesh)
+    first = build(example_inputs, plan)
     if strict:
-        refuse_fallbacks(chosen, model, captured, sequence_parallel)
+        refuse_fallbacks(first.plan, model, first.captured, sequence_parallel)
     # a call with other inputs is planned again, its parameters staying where they already are
-    placed = {f: p.placement for f, p in chosen.params.items()}
-    sharded = ShardedModule(model, mesh, replan=lambda named: build(named, None, placed))
-    distribute_parameters(model, sharded, chosen, captured, tp_mesh)
-    sharded.add_program(captured, chosen, graph)
+    placed = {f: p.placement for f, p in first.plan.params.items()}
+    sharded = ShardedModule(model, mesh, tp_mesh, replan=lambda named: build(named, pinned=placed), execution=DTensorExecution())
+    distribute_parameters(model, sharded, first.plan, first.captured, tp_mesh)       # 7. parameters -> DTensors
+    sharded.add_program(first)
     if fsdp_options is not None:
-        data_parallel(sharded, **fsdp_options)                       # 7. FSDP2 over dp
-    return finish(sharded, compile, lower)                          # 8. lower + torch.compile
+        data_parallel(sharded, **fsdp_options)                                        # 8. FSDP2 over dp
+    return finish(sharded, compile, lower)                                           # 9. lower + torch.compile
 
 
-def _plan(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware=None, memory_budget=None, pinned=None):
-    # Planning simulates placements on fake tensors: a plan depends on the model and mesh only,
-    # not on a CommDebugMode or FlopCounterMode the caller has active.
-    with isolated_from_caller():
-        return _plan_passes(captured, mesh, sequence_parallel, hardware, memory_budget, pinned)
+@contextmanager
+def _timed(name: str, timings: dict[str, float], progress: Progress | None, detail: str = ""):
+    if progress:
+        progress(name, detail, None)
+    t0 = time.perf_counter()
+    yield
+    dt = time.perf_counter() - t0
+    timings[name] = timings.get(name, 0.0) + dt
+    if progress:
+        progress(name, "", dt)
 
 
-def _plan_passes(captured: Captured, mesh: DeviceMesh, sequence_parallel, hardware, memory_budget, pinned=None):
-    analysis = analyse(captured)
-    simulator = PlacementSimulator(analysis, tensor_parallel_mesh(mesh))
-    labels = label(analysis, simulator)
-    return simulator, choose(labels, simulator, mesh_info(mesh), sequence_parallel, hardware=hardware, memory_budget=memory_budget,
-                             pinned=pinned)
-
-
-__all__ = ["autoshard", "plan", "Plan", "PlanError"]
+__all__ = ["autoshard", "plan", "plan_model", "plan_captured", "Plan", "PlanError", "PlanRun"]

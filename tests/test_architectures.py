@@ -49,7 +49,7 @@ def _shard_and_compare(arch: str, **options) -> dict:
         "loss": abs(full(out.loss).item() - expect.loss.item()),
         "grads": grads, "missing": missing,
         "sharded": sorted(f for f, p in sharded.plan.params.items() if p.placement.startswith("Shard")),
-        "kind": type(sharded).__name__, "lowering_notes": getattr(sharded, "lowering_notes", None),
+        "kind": sharded.execution.kind, "lowering_notes": getattr(sharded, "lowering_notes", None),
     }
 
 
@@ -66,4 +66,4 @@ def test_architecture_lowers_to_local_tensors_exactly(ranks2, arch):
     # every rank included: they become the plain op on the replicated local tensors)
     for r in ranks2.run(_shard_and_compare, arch, lower=True):
         assert r["logits"] < ATOL and r["loss"] < ATOL and r["grads"] < ATOL and not r["missing"], r
-        assert r["kind"] == "LoweredShardedModule" and r["lowering_notes"] == [], r["lowering_notes"]
+        assert r["kind"] == "lowered" and r["lowering_notes"] == [], r["lowering_notes"]

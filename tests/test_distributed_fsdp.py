@@ -80,7 +80,7 @@ def _two_ways():
     # another input signature re-captures: the new program runs per layer under FSDP too
     logits = full(built(input_ids=batch["input_ids"]).logits)
     out["replan_logits_diff"] = (logits - ref(input_ids=batch["input_ids"]).logits).abs().max().item()
-    out["programs"] = [hasattr(p, "segments") for p in built._programs]
+    out["programs"] = [type(p.runner).__name__ == "StagedRunner" for p in built.programs]
     return out
 
 
@@ -172,7 +172,7 @@ def _handwritten():
         opt.zero_grad(), ref_opt.zero_grad()
     ref_params = dict(ref.named_parameters())
     diff = max((full(p.detach()) - ref_params[n]).abs().max().item() for n, p in sharded.named_parameters())
-    return diff, [s.unit for s in sharded._programs[0].segments]
+    return diff, [s.unit for s in sharded.programs[0].runner.segments]
 
 
 def test_handwritten_decoder_per_layer_fsdp(ranks4):

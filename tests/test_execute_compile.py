@@ -49,8 +49,8 @@ def _lowered_eager(name: str, seq: int) -> dict:
     res = _compare(sharded, ref, kw)
     code = sharded.lowered_graph_module.code
     res.update(fwd=fwd, bwd=bwd, notes=sharded.lowering_notes, layers=ref.config.num_hidden_layers,
-               kind=type(sharded).__name__, params=len(list(ref.parameters())),
-               in_code={k: code.count(f"lowered_runtime_{k}(") for k in ("all_gather", "reduce_scatter", "all_reduce", "reduce_grad")})
+               kind=sharded.execution.kind, params=len(list(ref.parameters())),
+               in_code={k: code.count(f"local_ops_{k}(") for k in ("all_gather", "reduce_scatter", "all_reduce", "reduce_grad")})
     return res
 
 
@@ -66,7 +66,7 @@ def test_lowered_eager_matches_unsharded_with_megatron_collectives(ranks2, name,
     for r in results:
         _check(r)
         assert r["grads"] == r["params"]  # every parameter got its gradient
-        assert r["kind"] == "LoweredShardedModule" and r["notes"] == []
+        assert r["kind"] == "lowered" and r["notes"] == []
         layers = r["layers"]
         # forward: per layer 2 all-gathers + 2 reduce-scatters (SP), the embedding's reduce-scatter,
         # the LM head's all-gather, the vocab-parallel loss's 2 row all-reduces.
@@ -85,7 +85,7 @@ def _compiled_lengths(name: str, options: dict, lengths: tuple) -> dict:
     torch._dynamo.reset()
     counters.clear()
     sharded, ref, _ = _build(name, lengths[0], compile=options)
-    res = {"runs": [], "kind": type(sharded).__name__, "notes": sharded.lowering_notes}
+    res = {"runs": [], "kind": sharded.execution.kind, "notes": sharded.lowering_notes}
     for seq in lengths:
         r = _compare(sharded, ref, inputs(ref.config.vocab_size, 2, seq, seed=seq, labels=True))
         r.update(seq=seq, graphs=counters["stats"]["unique_graphs"], programs=len(sharded._programs))
@@ -98,7 +98,7 @@ def _compiled_lengths(name: str, options: dict, lengths: tuple) -> dict:
 def test_compiled_matches_unsharded_and_never_recompiles_for_a_new_length(ranks2, name):
     # lengths divisible and not divisible by tp; one compiled graph serves them all
     for res in ranks2.run(_compiled_lengths, name, AOT, (8, 7, 12)):
-        assert res["kind"] == "LoweredShardedModule" and res["notes"] == []
+        assert res["kind"] == "compiled" and res["notes"] == []
         for r in res["runs"]:
             _check(r)
             assert r["graphs"] == 1 and r["programs"] == 1, r
@@ -122,7 +122,7 @@ def _user_compile(name: str) -> dict:
     sharded.compile_options = AOT       # what a user's torch.compile(sharded) lowers and compiles with
     compiled = torch.compile(sharded)
     res = _compare(sharded, ref, kw, call=compiled)
-    res.update(kind=type(sharded).__name__, compiled=sharded._compile_options, notes=sharded.lowering_notes)
+    res.update(kind=sharded.execution.kind, compiled=sharded.execution.options, notes=sharded.lowering_notes)
     return res
 
 
@@ -131,7 +131,7 @@ def test_user_torch_compile_of_the_sharded_module(ranks2):
     # DTensor"); the module leaves dynamo and compiles its lowered program instead.
     for r in ranks2.run(_user_compile, "tiny-llama"):
         _check(r)
-        assert r["kind"] == "LoweredShardedModule" and r["compiled"]["backend"] == "aot_eager" and r["notes"] == []
+        assert r["kind"] == "compiled" and r["compiled"]["backend"] == "aot_eager" and r["notes"] == []
 
 
 def _optimizer_step(name: str) -> dict:

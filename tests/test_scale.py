@@ -129,18 +129,14 @@ def test_scaled_estimate_repacks_gradient_buckets():
 
 
 def test_scaled_estimate_at_the_captured_depth_is_the_plans_own():
-    """Scaling to K layers changes nothing: the re-simulated plan prices exactly as choose did
+    """Scaling to K layers changes nothing: the plan's simulation prices exactly as choose did
     (tied embeddings: export reads the table under the LM head's name)."""
     model = meta_model("tiny-qwen2", num_hidden_layers=4)
     with fake_mesh((2,), ("tp",)) as mesh:
-        seen = {}
-        import autoshard.scale.fast as fast_mod
-
-        with fast_mod._timed_passes({}, None, "") as last:
-            plan = api.plan(model, mesh, inputs(16), hardware="h100")
-        seen.update(last)
-        names = LayerNames.from_captured(seen["capture"], "model.layers", 4)
-        est = scaled_estimate(seen["analyse"], seen["PlacementSimulator"], plan, get_profile("h100"), names)
+        run = api.plan_model(model, mesh, inputs(16), hardware="h100")
+        plan = run.plan
+        names = LayerNames.from_captured(run.captured, "model.layers", 4)
+        est = scaled_estimate(run, get_profile("h100"), names)
     assert est["memory_bytes"] == plan.estimate["memory_bytes"]
     # tied table (export reads it as lm_head.weight): counted once, at its Shard(0) placement
     assert plan.params["model.embed_tokens.weight"].placement == "Shard(0)"

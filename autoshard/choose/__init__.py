@@ -1,0 +1,3 @@
+from autoshard.choose.strategy import choose
+
+__all__ = ["choose"]

@@ -127,7 +127,7 @@ def measure_collectives(world_size: int, sizes: list[int], reps: int) -> tuple[d
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-    # Exit codes are ignored: gloo teardown sometimes aborts after a clean finish (TORCH213.md).
+    # Exit codes are ignored: gloo teardown sometimes aborts after a clean finish.
     if status != "ok":
         raise RuntimeError(f"calibration failed on a rank:\n{payload}")
     return payload

@@ -161,7 +161,7 @@ class _Tracer(fx.Interpreter):
         return x.clone()  # keeps the autograd chain (later ops save their inputs) and saves nothing
 
     def _loss(self, n: fx.Node):
-        from autoshard.ops.loss_parallel import _VocabParallelCrossEntropy
+        from autoshard.ops.loss_parallel import VocabParallelCrossEntropy
 
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         logits, target, *rest = args
@@ -169,7 +169,7 @@ class _Tracer(fx.Interpreter):
         opts.update(kwargs)
         self.variant = "vocab_parallel_loss"
         if logits.ndim == 2 and target.ndim == 1:
-            _VocabParallelCrossEntropy.apply(
+            VocabParallelCrossEntropy.apply(
                 logits, target, 0, logits.shape[-1], int(opts.get("ignore_index", -100)),
                 float(opts.get("label_smoothing", 0.0)), None,
             )

@@ -11,7 +11,7 @@ Communication is read off the placement simulation, forward and backward:
     Partial/Replicate -> Shard   all_gather of the sharded gradient
     Shard(i) -> Shard(j)  all_to_all
 - the `Partial` gradients of replicated parameters used on shards, summed after backward by
-  `autoshard.distribute` in buckets (one all-reduce per bucket holding any of them).
+  `distributed/parameters.py` in buckets (one all-reduce per bucket holding any of them).
 Bytes follow NCCL's convention (S = the full logical tensor); DTensor pads uneven shards to equal
 chunks before all_gather / reduce_scatter, so those move `ceil(n / tp) * tp` rows.
 
@@ -37,9 +37,10 @@ from autoshard.cost.compute import compute_time, peak_flops_for  # noqa: F401 - 
 from autoshard.cost.hardware import HardwareProfile
 from autoshard.cost.memory import local_fraction, tensor_bytes
 from autoshard.graph.analyse import GraphAnalysis, Role
+from autoshard.schema.units import chunk_block, pack_buckets
 
 aten = torch.ops.aten
-BUCKET_CAP_BYTES = 25 * 2**20  # autoshard.distribute's bucket size (DDP's default)
+BUCKET_CAP_BYTES = 25 * 2**20  # distributed/parameters.py's bucket size (DDP's default)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _padded(nbytes: int, spec, placement_text: str) -> int:
     full = math.prod(shape) * spec.tensor_meta.dtype.itemsize
     if size == 0 or full != nbytes:
         return nbytes
-    return nbytes // size * (math.ceil(size / n) * n)
+    return nbytes // size * (chunk_block(size, n) * n)
 
 
 def requires_grad_nodes(analysis: GraphAnalysis) -> set[str]:
@@ -146,7 +147,7 @@ def _adjoint(analysis, sim, r) -> str | None:
 
 def gradient_reductions(analysis: GraphAnalysis, sim, grad_reduce: set[str], bucket_cap: int = BUCKET_CAP_BYTES) -> list[CommEvent]:
     """All-reduces of the Partial gradients of replicated parameters, bucketed like
-    `autoshard.distribute.GradReducer`: replicated parameters in backward order (latest first
+    `distributed.parameters.GradReducer`: replicated parameters in backward order (latest first
     use first), packed up to `bucket_cap`; a bucket with any Partial gradient is one all-reduce."""
     if not grad_reduce:
         return []
@@ -161,14 +162,7 @@ def gradient_reductions(analysis: GraphAnalysis, sim, grad_reduce: set[str], buc
             continue
         sizes[fqn] = tensor_bytes(node.meta["val"])
         first[fqn] = min((order[u.name] for u in node.users), default=-1)
-    buckets: list[list[str]] = []
-    size = 0
-    for fqn in sorted(sizes, key=lambda f: -first[f]):
-        if not buckets or (buckets[-1] and size + sizes[fqn] > bucket_cap):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(fqn)
-        size += sizes[fqn]
+    buckets = pack_buckets(((f, sizes[f]) for f in sorted(sizes, key=lambda f: -first[f])), bucket_cap)
     out = []
     for b in buckets:
         members = [f for f in b if f in grad_reduce]

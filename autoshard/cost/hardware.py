@@ -141,7 +141,7 @@ class HardwareProfile:
 
 # -- built-in profiles -------------------------------------------------------------------------
 # Efficiency 0.7 and a 7 µs launch floor follow meta-pytorch/autoparallel's compute model
-# (FIELD.md §3). Latencies: NCCL's tuning model (src/graph/tuning.cc) charges a ring a base of
+# (its compute-estimation module). Latencies: NCCL's tuning model (src/graph/tuning.cc) charges a ring a base of
 # 6.6-8.4 µs plus 0.6-3.4 µs per NVLink step (1.0-5.7 µs per PCIe step), i.e. tens of µs for an
 # 8-rank ring; autoparallel's H100 tables measure ~30 µs.
 

@@ -20,6 +20,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.cost.activation import SavedActivations
 from autoshard.graph.analyse import GraphAnalysis
+from autoshard.schema.units import chunk_block
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each (torch.optim.Adam/AdamW on fp32 params)
 
@@ -53,7 +54,7 @@ def local_fraction(spec, shape: tuple[int, ...] | None = None) -> float:
         if p.is_shard() and shape:
             size = shape[p.dim % len(shape)]
             if size:
-                frac *= math.ceil(size / n) / size
+                frac *= chunk_block(size, n) / size
     return frac
 
 

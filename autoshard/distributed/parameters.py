@@ -20,7 +20,8 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from autoshard.graph.capture import Captured
 from autoshard.execute.rewrite import written_buffers
-from autoshard.schema.plan import Plan
+from autoshard.schema.plan import Plan, planned_placement
+from autoshard.schema.units import pack_buckets
 
 BUCKET_CAP_MB = 25.0  # DDP's default bucket size
 
@@ -39,7 +40,7 @@ def distribute_parameters(
     made: dict[int, nn.Parameter] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
         if id(p) not in made:
-            placement = planned_placement(placements, captured, fqn)
+            placement = planned_placement(placements, captured.tied, fqn)
             # a Replicate() DTensor broadcasts into, and then shares storage with, its source:
             # copy it, so training the sharded module never writes into the user's model
             source = p.detach().clone() if placement.is_replicate() else p.detach()
@@ -61,11 +62,6 @@ def distribute_parameters(
             reducer.watch(fqn, p)
     sharded.grad_reducer = reducer
     return reducer
-
-
-def planned_placement(placements: dict, captured: Captured, fqn: str):
-    """The plan's placement of parameter `fqn` (a tied name has its table's), Replicate if none."""
-    return placements.get(fqn, placements.get(captured.tied.get(fqn, ""), None)) or Replicate()
 
 
 def _whole_grad_of_shard(p, g) -> bool:
@@ -97,16 +93,7 @@ def backward_order(captured: Captured, params: dict[str, nn.Parameter]) -> list[
 
 def size_buckets(fqns: Sequence[str], params: dict[str, nn.Parameter], cap_mb: float) -> list[list[str]]:
     """Consecutive FQNs packed into buckets of at most `cap_mb` (a larger parameter gets its own)."""
-    buckets: list[list[str]] = []
-    size, cap = 0.0, cap_mb * 2**20
-    for f in fqns:
-        nbytes = params[f].numel() * params[f].element_size()
-        if not buckets or (buckets[-1] and size + nbytes > cap):
-            buckets.append([])
-            size = 0.0
-        buckets[-1].append(f)
-        size += nbytes
-    return buckets
+    return pack_buckets(((f, params[f].numel() * params[f].element_size()) for f in fqns), cap_mb * 2**20)
 
 
 def _is_replicated(p: torch.Tensor) -> bool:

@@ -18,11 +18,11 @@ from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from autoshard.distributed.parameters import planned_placement
 from autoshard.schema.errors import PlanError
 from autoshard.graph.capture import Captured
 from autoshard.graph.simulate import hint
-from autoshard.schema.plan import Plan
+from autoshard.schema.plan import Plan, planned_placement
+from autoshard.schema.units import chunk_len, chunk_start
 
 _CANNOT_FAKE = ("DataDependent", "DynamicOutputShape", "UnsupportedOperator", "data-dependent", "unbacked")
 
@@ -69,13 +69,11 @@ def _fake_input(captured: Captured, node: fx.Node, placements: dict, mesh: Devic
     t = torch.empty(shape, dtype=val.dtype, device=mesh.device_type)
     if fqn is None:
         return t
-    placement = planned_placement(placements, captured, fqn)
+    placement = planned_placement(placements, captured.tied, fqn)
     local = t
     if placement.is_shard():
-        chunks = torch.chunk(t, mesh.size(), dim=placement.dim)
-        rank = mesh.get_local_rank()
-        local = chunks[rank] if rank < len(chunks) else t.narrow(placement.dim, 0, 0)
-        local = local.contiguous()
+        n, rank = t.shape[placement.dim], mesh.get_local_rank()
+        local = t.narrow(placement.dim, chunk_start(n, mesh.size(), rank), chunk_len(n, mesh.size(), rank)).contiguous()
     dt = DTensor.from_local(local, mesh, [placement], run_check=False, shape=t.shape, stride=t.stride())
     return dt.requires_grad_(t.is_floating_point())
 

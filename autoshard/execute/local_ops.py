@@ -1,6 +1,6 @@
 """What a lowered graph calls: collectives on plain local tensors with Megatron's autograd pairing.
 
-`autoshard.passes.lower` turns the DTensor program into a graph of plain tensors on each rank's
+`execute/lower.py` turns the DTensor program into a graph of plain tensors on each rank's
 shard. Every layout change becomes one of the functions below, called by name in the graph, so
 printing the lowered graph shows each collective and (in its `backward=` argument) the one its
 backward runs:
@@ -30,13 +30,10 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autoshard.ops.layout import dense_in_order
-from autoshard.ops.loss_parallel import _VocabParallelCrossEntropy
+from autoshard.ops.loss_parallel import VocabParallelCrossEntropy
+from autoshard.schema.units import chunk_block, chunk_len, chunk_start
 
 _c10d = torch.ops._c10d_functional
-
-
-def _ceil_div(a, b):
-    return (a + b - 1) // b
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
@@ -54,7 +51,7 @@ def _pad_dim0(x: torch.Tensor, to) -> torch.Tensor:
 
 def _gather_dim0(x: torch.Tensor, size, tp: int, group: str) -> torch.Tensor:
     """`x` [c_local, ...] on each rank -> [size, ...]: pad to a common block, gather, cut."""
-    block = _ceil_div(size, tp)
+    block = chunk_block(size, tp)
     x = _pad_dim0(x, block).contiguous()
     out = _wait(_c10d.all_gather_into_tensor(x, tp, group))
     return out.narrow(0, 0, size)  # a prefix of dim 0: stays contiguous, no stride guard
@@ -63,33 +60,28 @@ def _gather_dim0(x: torch.Tensor, size, tp: int, group: str) -> torch.Tensor:
 def _scatter_dim0(x: torch.Tensor, tp: int, rank: int, group: str, padded: bool) -> torch.Tensor:
     """`x` [size, ...] partial sums on each rank -> this rank's block of the sum."""
     size = x.size(0)
-    block = _ceil_div(size, tp)
+    block = chunk_block(size, tp)
     x = _pad_dim0(x, block * tp).contiguous()
     out = _wait(_c10d.reduce_scatter_tensor(x, "sum", tp, group))
-    return out if padded else out.narrow(0, 0, _exact(size, tp, rank))
+    return out if padded else out.narrow(0, 0, chunk_len(size, tp, rank))
 
 
 def _slice_dim0(x: torch.Tensor, tp: int, rank: int, padded: bool) -> torch.Tensor:
     """This rank's block of a replicated `x` along dim 0 (no communication)."""
     size = x.size(0)
-    block = _ceil_div(size, tp)
+    block = chunk_block(size, tp)
     if padded:
         return _pad_dim0(x, block * tp).narrow(0, rank * block, block)
-    return x.narrow(0, min(rank * block, size), _exact(size, tp, rank))
+    return x.narrow(0, chunk_start(size, tp, rank), chunk_len(size, tp, rank))
 
 
 def _unslice_dim0(g: torch.Tensor, size, tp: int, rank: int, padded: bool) -> torch.Tensor:
     """The adjoint of `_slice_dim0`: this rank's block in place, zeros elsewhere."""
-    block = _ceil_div(size, tp)
+    block = chunk_block(size, tp)
     start = rank * block if padded else min(rank * block, size)
     total = block * tp if padded else size
     full = F.pad(g, [0, 0] * (g.ndim - 1) + [start, total - start - g.size(0)])
     return full.narrow(0, 0, size)
-
-
-def _exact(size: int, tp: int, rank: int) -> int:
-    block = _ceil_div(size, tp)
-    return max(0, min(block, size - rank * block))
 
 
 def _to0(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -225,7 +217,7 @@ def vocab_parallel_loss(logits, target, vocab_start: int, vocab_size: int, group
                         reduction: int = 1, ignore_index: int = -100, label_smoothing: float = 0.0):
     """`cross_entropy_loss` of local vocab-sharded logits `[N, v_local]` (see ops.loss_parallel):
     two all-reduces of per-row statistics forward, none backward."""
-    rows = _VocabParallelCrossEntropy.apply(
+    rows = VocabParallelCrossEntropy.apply(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1).long(), vocab_start, vocab_size,
         ignore_index, float(label_smoothing), group,
     )

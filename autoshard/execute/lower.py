@@ -1,10 +1,10 @@
 """Pass 7 (optional) — lower: the DTensor program becomes a graph of plain local tensors.
 
 The rewritten graph runs on DTensors: every op pays DTensor's dispatch, and in torch 2.13 a
-DTensor training graph does not compile with dynamic shapes (TORCH213.md). The plan's simulation
+DTensor training graph does not compile with dynamic shapes (`as_strided` is unsupported with DTensor). The plan's simulation
 already knows every node's placement, so each node can run on its local shard directly:
 
-- each `Redistribute` becomes an explicit collective from `autoshard.lowered_runtime` whose
+- each `Redistribute` becomes an explicit collective from `execute/local_ops.py` whose
   backward is the Megatron pairing, chosen by a gradient-placement analysis of the graph
   (a replicated value read by sharded ops gets partial-sum gradients: all-gather <-> reduce-scatter,
   identity <-> all-reduce; a graph output gets a replicated gradient: all-gather <-> slice);
@@ -17,7 +17,7 @@ already knows every node's placement, so each node can run on its local shard di
   gradient is summed once after backward) and the user inputs unchanged.
 
 Sequence-sharded activations are padded to `ceil(seq / tp)` rows on every rank (see
-`lowered_runtime`), so every rank runs one graph and a compiled graph needs no guard on the length.
+`local_ops`), so every rank runs one graph and a compiled graph needs no guard on the length.
 Anything the lowering cannot express exactly (an implicit collective DTensor would insert, a
 size-taking op on a sharded dim, inconsistent gradient placements) raises `LoweringError`; the
 caller then keeps the DTensor program.
@@ -26,10 +26,7 @@ caller then keeps the DTensor program.
 from __future__ import annotations
 
 import copy
-import operator
-from dataclasses import dataclass, field
 
-import sympy
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -37,22 +34,24 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement
-from torch.utils._sympy.functions import FloorDiv, Mod
 
-from autoshard.execute import local_ops as rt
 from autoshard.execute import dtensor_ops as runtime
+from autoshard.execute import local_ops as rt
+from autoshard.execute.grad_placement import GradientPlacements, boundary_gradient, carries_gradient
+from autoshard.execute.lowered_program import LoweredProgram, describe_collectives, dynamic_dims, param_grad_placements, sharded_outputs
+from autoshard.execute.sym_sizes import SizeEmitter
 from autoshard.schema.errors import PlanError
 from autoshard.graph.capture import Captured
 from autoshard.schema.plan import Plan, parse_placement
+from autoshard.schema.units import chunk_start
 from autoshard.graph.simulate import Simulation
 
 aten = torch.ops.aten
-R, P = Replicate(), Partial()
+REPLICATE, PARTIAL = Replicate(), Partial()
 SHAPE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.view_copy.default}
 EXPAND_OPS = {aten.expand.default, aten.expand_copy.default}
 SIZE_FACTORIES = {aten.new_empty.default, aten.new_full.default, aten.new_ones.default, aten.new_zeros.default,
                   aten.new_empty_strided.default}
-COLLECTIVES = (rt.all_gather, rt.reduce_scatter, rt.all_reduce, rt.reduce_grad)
 
 
 def _embedding_args(node: fx.Node) -> tuple:
@@ -69,21 +68,6 @@ class LoweringError(PlanError):
     """The DTensor program has something the local lowering cannot express exactly."""
 
 
-@dataclass
-class LoweredProgram:
-    """A graph of plain tensors and how to call it (placeholders in export order)."""
-
-    graph_module: fx.GraphModule
-    grad_placements: dict[str, tuple[Placement, ...]]   # parameter FQN -> to_local(grad_placements=)
-    outputs: list[tuple[int, tuple[Placement, ...]] | None]  # per output: None, or (dim, placements) of a sharded one
-    output_sizes: list[tuple | None]                     # global sizes of sharded outputs (static)
-    dynamic_dims: dict[str, list[int]]                   # user input placeholder -> symbolic dims
-    collectives: list[str] = field(default_factory=list)  # one line per collective, in graph order
-
-    def __str__(self) -> str:
-        return "\n".join(self.collectives)
-
-
 def lower_graph(gm: fx.GraphModule, captured: Captured, plan: Plan, sim: Simulation, mesh: DeviceMesh) -> LoweredProgram:
     """Lower the rewritten DTensor graph `gm` (see `rewrite.rewrite_graph`) to local tensors."""
     return _Lowering(gm, captured, plan, sim, mesh).run()
@@ -97,10 +81,9 @@ class _Lowering:
         self.tp = mesh.size()
         self.rank = mesh.get_local_rank()
         self.group = mesh.get_group().group_name
-        self.pl: dict[fx.Node, object] = {}       # forward placement of each node's (local) value
-        self.rg: dict[fx.Node, bool] = {}         # does the value carry a gradient
-        self.gk: dict[fx.Node, Placement | None] = {}  # placement of its gradient
-        self._sizes: dict = {}
+        self.placement: dict[fx.Node, object] = {}       # forward placement of each node's (local) value
+        self.carries_grad: dict[fx.Node, bool] = {}         # does the value carry a gradient
+        self.grad_placement: dict[fx.Node, Placement | None] = {}  # placement of its gradient
 
     def run(self) -> LoweredProgram:
         # sizes computed from inputs go after the last input (the rewrite may have put a node that
@@ -108,19 +91,21 @@ class _Lowering:
         self._drop_consistent_grads()
         nodes = list(self.graph.nodes)
         last_input = max(i for i, n in enumerate(nodes) if n.op == "placeholder")
-        self._anchor = nodes[last_input + 1]
+        self.sizes = SizeEmitter(self.graph, nodes[last_input + 1], LoweringError)
         self._reject_implicit_collectives()
         self._placements()
         self._insert_conversions()
-        self._requires_grad()
-        self._grad_kinds()
+        self.carries_grad = carries_gradient(self.graph, self._val, self.captured)
+        self.grad_placement = GradientPlacements(self.graph, self.placement, self.carries_grad, set(self.plan.sharded_outputs),
+                                     lambda n: self.gm.get_submodule(n.target), LoweringError).run()
         self._rewrite()
-        outputs, sizes = self._outputs()
+        outputs, sizes = sharded_outputs(self.graph, self.placement, self._val, set(self.plan.sharded_outputs), LoweringError)
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
         self.graph.lint()
         self.gm.recompile()
-        return LoweredProgram(self.gm, self._param_grads(), outputs, sizes, self._dynamic_dims(), self._describe())
+        return LoweredProgram(self.gm, param_grad_placements(self.graph, self.captured, self.placement, self.grad_placement), outputs, sizes,
+                              dynamic_dims(self.graph, self.captured), describe_collectives(self.graph))
 
     def _drop_consistent_grads(self):
         """Local tensors carry their own strides: the DTensor program's gradient-layout guards go."""
@@ -140,47 +125,47 @@ class _Lowering:
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 spec = self.sim.specs.get(node.name)
-                self.pl[node] = self._norm(spec.placements[0], node) if isinstance(spec, DTensorSpec) else None
+                self.placement[node] = self._norm(spec.placements[0], node) if isinstance(spec, DTensorSpec) else None
             elif node.op == "call_module":
-                self.pl[node] = self._module_placement(node)
+                self.placement[node] = self._module_placement(node)
             elif node.op == "call_function":
                 if node.name in pre:
-                    self.pl[node] = self._norm(pre[node.name], node)
+                    self.placement[node] = self._norm(pre[node.name], node)
                     continue
                 spec = self.sim.specs.get(node.name)
                 if isinstance(spec, DTensorSpec):
-                    self.pl[node] = self._norm(spec.placements[0], node)
+                    self.placement[node] = self._norm(spec.placements[0], node)
                 elif isinstance(spec, (tuple, list)):
-                    self.pl[node] = tuple(self._norm(s.placements[0], node, i) if isinstance(s, DTensorSpec) else None for i, s in enumerate(spec))
+                    self.placement[node] = tuple(self._norm(s.placements[0], node, i) if isinstance(s, DTensorSpec) else None for i, s in enumerate(spec))
                 else:
-                    self.pl[node] = None
+                    self.placement[node] = None
             else:
-                self.pl[node] = None
+                self.placement[node] = None
 
     def _module_placement(self, node):
         mod = self.gm.get_submodule(node.target)
-        src = self.pl.get(node.args[0]) if node.args else None
+        src = self.placement.get(node.args[0]) if node.args else None
         if isinstance(mod, runtime.Redistribute):
             return self._norm(mod.placements[0], node.args[0]) if src is not None else None
         if isinstance(mod, runtime.ToReplicate):
-            return R
+            return REPLICATE
         if isinstance(mod, runtime.ToFull):
             return None
         if isinstance(mod, (runtime.LocalAttention, runtime.LocalMatmul)):
             return self._norm(mod.placement, node.args[0]) if src is not None else None
         if isinstance(mod, runtime.VocabParallelLoss):
-            return R
+            return REPLICATE
         if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results
             val = node.meta.get("val")
             if isinstance(val, (tuple, list)):
-                return tuple(R if isinstance(v, torch.Tensor) else None for v in val)
-            return R if isinstance(val, torch.Tensor) else None
+                return tuple(REPLICATE if isinstance(v, torch.Tensor) else None for v in val)
+            return REPLICATE if isinstance(val, torch.Tensor) else None
         raise LoweringError(f"unknown runtime module {type(mod).__name__} at {node.name}")
 
     @staticmethod
     def _norm(p: Placement, node: fx.Node, index: int | None = None) -> Placement:
         if not p.is_shard():
-            return R if p.is_replicate() else P
+            return REPLICATE if p.is_replicate() else PARTIAL
         val = node.meta.get("val")
         if index is not None and isinstance(val, (tuple, list)):
             val = val[index]
@@ -215,7 +200,7 @@ class _Lowering:
             if node.op == "call_module":
                 self._module_inputs(node)
             elif node.op == "call_function" and node.name in moves:
-                if node.target is aten.embedding.default and self.pl.get(node.args[0]) == Shard(0):
+                if node.target is aten.embedding.default and self.placement.get(node.args[0]) == Shard(0):
                     continue  # the ids' MaskPartial: the vocab-parallel lookup does it
                 for r in moves[node.name]:
                     src = next((a for a in node.all_input_nodes if a.name == r.source), None)
@@ -227,149 +212,68 @@ class _Lowering:
 
     def _module_inputs(self, node):
         mod = self.gm.get_submodule(node.target)
-        if isinstance(mod, runtime.LocalAttention) and self.pl[node] is not None:
-            p = self.pl[node]
+        if isinstance(mod, runtime.LocalAttention) and self.placement[node] is not None:
+            p = self.placement[node]
             q, k, v, mask = (list(node.args) + [None])[:4]
             for a in (q, k, v):
                 self._convert(node, a, p)
             if isinstance(mask, fx.Node):
                 val = self._val(mask)
                 whole = not p.is_shard() or val.shape[p.dim] == 1
-                self._convert(node, mask, R if whole else p)
-        elif isinstance(mod, runtime.LocalMatmul) and self.pl[node] is not None:
-            p = self.pl[node]
+                self._convert(node, mask, REPLICATE if whole else p)
+        elif isinstance(mod, runtime.LocalMatmul) and self.placement[node] is not None:
+            p = self.placement[node]
             vals = [self._val(a) for a in node.args[:2]]
             out_ndim = max(v.ndim for v in vals)
             for a, val, role in zip(node.args[:2], vals, ("a", "b")):
                 want = runtime.operand_placement(p, val, out_ndim, role)
-                if p.is_shard() and want == R and val.is_floating_point() and val.requires_grad:
+                if p.is_shard() and want == REPLICATE and val.is_floating_point() and val.requires_grad:
                     raise LoweringError(f"{node.name}: {a.name} is whole on every rank next to a split product; "
                                         "its partial gradient is not lowered")
                 self._convert(node, a, want)
         elif isinstance(mod, runtime.ReplicatedLocal):
             for a in node.all_input_nodes:
-                if self.pl.get(a) not in (None, R):  # DTensor would gather it inside the module
+                if self.placement.get(a) not in (None, REPLICATE):  # DTensor would gather it inside the module
                     raise LoweringError(f"{node.name} runs {mod.target} whole on every rank but its input {a.name} "
-                                        f"is {self.pl.get(a)}: the gather inside it is not lowered")
+                                        f"is {self.placement.get(a)}: the gather inside it is not lowered")
 
     def _convert(self, user: fx.Node, src: fx.Node, want: Placement):
-        have = self.pl.get(src)
+        have = self.placement.get(src)
         if have is None:
-            have = R  # a plain tensor is the same on every rank
+            have = REPLICATE  # a plain tensor is the same on every rank
         if have == want:
             return
-        if have == R and want.is_shard():
+        if have == REPLICATE and want.is_shard():
             fn, args = rt.shard_local, (src, want.dim, self.tp, self.rank, self._padded(src, want.dim))
-        elif have == R and want.is_partial():
+        elif have == REPLICATE and want.is_partial():
             fn, args = rt.partition_value, (src, self.tp)
         else:
             raise LoweringError(f"{src.name} ({have}) would need communication to become {want} for {user.name}")
         with self.graph.inserting_before(user):
             new = self.graph.call_function(fn, args)
-        self.pl[new] = want
+        self.placement[new] = want
         user.replace_input_with(src, new)
 
     def _padded(self, node: fx.Node, dim: int) -> bool:
         val = self._val(node)
         return isinstance(val, torch.Tensor) and isinstance(val.shape[dim], torch.SymInt)
 
-    # ---- gradients --------------------------------------------------------------------------------
-    def _requires_grad(self):
-        params = set(self.captured.param_fqns)
-        for node in self.graph.nodes:
-            val = self._val(node)
-            is_float = isinstance(val, torch.Tensor) and val.is_floating_point()
-            if node.op == "placeholder":
-                user_input = node.name in self.captured.user_input_placeholders
-                self.rg[node] = is_float and (node.name in params or user_input)
-            elif node.op == "call_function" and node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:
-                self.rg[node] = False
-            elif node.op == "call_function" and node.target is operator.getitem:
-                v = node.meta.get("val")
-                self.rg[node] = self.rg.get(node.args[0], False) and isinstance(v, torch.Tensor) and v.is_floating_point()
-            elif node.op in ("call_function", "call_module"):
-                ok = is_float or isinstance(val, (tuple, list))
-                self.rg[node] = ok and any(self.rg.get(a, False) for a in node.all_input_nodes)
-            else:
-                self.rg[node] = False
-
-    def _grad_kinds(self):
-        """Placement of each value's gradient, from the outputs back (None: no gradient)."""
-        contrib: dict[fx.Node, set] = {}
-        for node in reversed(list(self.graph.nodes)):
-            if node.op == "output":
-                sharded = set(self.plan.sharded_outputs)
-                for a in node.all_input_nodes:
-                    if self.rg.get(a):
-                        contrib.setdefault(a, set()).add(self.pl[a] if a.name in sharded and self.pl[a] is not None else R)
-                continue
-            kinds = contrib.get(node, set())
-            if len(kinds) > 1:
-                raise LoweringError(f"{node.name} gets gradients laid out as {sorted(map(str, kinds))}: no single backward collective fits")
-            gk = next(iter(kinds)) if kinds and self.rg.get(node) else None
-            self.gk[node] = gk
-            if gk is None:
-                continue
-            for a in node.all_input_nodes:
-                if self.rg.get(a):
-                    c = self._contribution(node, a, gk)
-                    if c is not None:
-                        contrib.setdefault(a, set()).add(c)
-
-    def _contribution(self, user: fx.Node, inp: fx.Node, gk: Placement) -> Placement | None:
-        """The placement of the gradient `user` sends back to its input `inp`."""
-        src, out = self.pl.get(inp), self.pl.get(user)
-        mod = self.gm.get_submodule(user.target) if user.op == "call_module" else None
-        if isinstance(mod, runtime.Redistribute):
-            return self._boundary_backward(user, src, out, gk)[0]
-        if isinstance(mod, runtime.ToReplicate):
-            return R  # a plain input: its gradient is reduced there if partial (see _rewrite)
-        if isinstance(mod, runtime.ToFull):
-            return R if src in (P, None) else src
-        if user.op == "call_function" and user.target is rt.shard_local:
-            return P
-        if user.op == "call_function" and user.target is rt.partition_value:
-            return P
-        if user.op == "call_function" and user.target is operator.getitem:
-            return gk
-        if isinstance(out, tuple):
-            out = next((p for p in out if p is not None), None)
-        if src is None:
-            return gk if out in (None, R) else R
-        if src.is_shard():
-            if gk.is_partial():
-                raise LoweringError(f"{inp.name} is sharded but {user.name} sends back partial gradients")
-            return src
-        if src.is_partial():
-            if not gk.is_replicate():
-                raise LoweringError(f"{inp.name} is a partial sum but {user.name} sends back {gk} gradients")
-            return R
-        if out in (None, R):
-            return gk
-        if gk.is_partial():
-            raise LoweringError(f"{user.name} reads replicated {inp.name} into a {out} value with partial gradients")
-        return P  # a replicated value read by sharded ops: each rank holds a summand of its gradient
-
-    def _boundary_backward(self, node, src, dst, gk):
-        """(gradient placement sent to the input, forward function, args) of a planned boundary."""
+    def _boundary_forward(self, node, src, dst, gk):
+        """(forward function, args) of a planned boundary; (None, None): nothing to do locally."""
         x = node.args[0]
+        boundary_gradient(src, dst, gk, node.name, LoweringError)  # raises where no lowering exists
         if src is None or dst is None or src == dst and not src.is_replicate():
-            return (gk, None, None)
-        if src == R and dst == R:
-            return (R, rt.reduce_grad, (x, self.group)) if gk == P else (gk, None, None)
-        if src.is_shard() and dst == R:
-            if gk == P or gk is None:
-                return (src, rt.all_gather, (x, src.dim, self._global_size(x, src.dim), self.tp, self.rank, self.group,
-                                             self._padded(x, src.dim), "reduce_scatter"))
-            return (src, rt.all_gather, (x, src.dim, self._global_size(x, src.dim), self.tp, self.rank, self.group,
-                                         self._padded(x, src.dim), "slice"))
-        if src == P and dst.is_shard():
-            return (R, rt.reduce_scatter, (x, dst.dim, self.tp, self.rank, self.group, self._padded(x, dst.dim)))
-        if src == P and dst == R:  # partial gradients back (rows straight into column linears): summed
-            return (R, rt.all_reduce, (x, self.group, gk == P))
-        if src == R and dst.is_shard():
-            return (P, rt.shard_local, (x, dst.dim, self.tp, self.rank, self._padded(x, dst.dim)))
-        raise LoweringError(f"{node.name}: no lowering for {src} -> {dst}")
+            return None, None
+        if src == REPLICATE and dst == REPLICATE:
+            return (rt.reduce_grad, (x, self.group)) if gk == PARTIAL else (None, None)
+        if src.is_shard() and dst == REPLICATE:  # backward: reduce-scatter a partial gradient, slice a whole one
+            back = "reduce_scatter" if gk == PARTIAL or gk is None else "slice"
+            return rt.all_gather, (x, src.dim, self._global_size(x, src.dim), self.tp, self.rank, self.group, self._padded(x, src.dim), back)
+        if src == PARTIAL and dst.is_shard():
+            return rt.reduce_scatter, (x, dst.dim, self.tp, self.rank, self.group, self._padded(x, dst.dim))
+        if src == PARTIAL and dst == REPLICATE:  # partial gradients back (rows straight into column linears): summed
+            return rt.all_reduce, (x, self.group, gk == PARTIAL)
+        return rt.shard_local, (x, dst.dim, self.tp, self.rank, self._padded(x, dst.dim))  # REPLICATE -> Shard
 
     # ---- rewrite ----------------------------------------------------------------------------------
     def _rewrite(self):
@@ -386,7 +290,7 @@ class _Lowering:
         new.meta = dict(node.meta)
         if val is not None:
             new.meta["val"] = val
-        for d in (self.pl, self.rg, self.gk):
+        for d in (self.placement, self.carries_grad, self.grad_placement):
             d[new] = d.get(node)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
@@ -400,18 +304,18 @@ class _Lowering:
         mod = self.gm.get_submodule(node.target)
         x = node.args[0] if node.args else None
         if isinstance(mod, runtime.Redistribute):
-            _, fn, args = self._boundary_backward(node, self.pl.get(x), self.pl[node], self.gk.get(node))
+            fn, args = self._boundary_forward(node, self.placement.get(x), self.placement[node], self.grad_placement.get(node))
             self._drop(node, x) if fn is None else self._replace(node, fn, args)
         elif isinstance(mod, runtime.ToReplicate):
-            if self.gk.get(node) == P:
+            if self.grad_placement.get(node) == PARTIAL:
                 self._replace(node, rt.reduce_grad, (x, self.group))
             else:
                 self._drop(node, x)
         elif isinstance(mod, runtime.ToFull):
-            src = self.pl.get(x)
-            if src is None or src == R:
+            src = self.placement.get(x)
+            if src is None or src == REPLICATE:
                 self._drop(node, x)
-            elif src == P:
+            elif src == PARTIAL:
                 self._replace(node, rt.all_reduce, (x, self.group))
             else:
                 self._replace(node, rt.all_gather, (x, src.dim, self._global_size(x, src.dim), self.tp, self.rank,
@@ -428,46 +332,46 @@ class _Lowering:
 
     def _rewrite_loss(self, node, mod):
         logits, target = node.args[:2]
-        p = self.pl.get(logits)
+        p = self.placement.get(logits)
         val = self._val(logits)
         vocab = int(val.shape[-1])
-        if p is None or p == R:
+        if p is None or p == REPLICATE:
             opts = dict(weight=mod.weight, reduction=mod.reduction, ignore_index=mod.ignore_index, label_smoothing=mod.label_smoothing)
             self._replace(node, aten.cross_entropy_loss.default, (logits, target), opts)
             return
         if not (p.is_shard() and p.dim == val.ndim - 1) or mod.weight is not None:
             raise LoweringError(f"loss on logits laid out as {p}: only vocab-sharded logits without class weights are lowered")
-        start = min(self.rank * rt._ceil_div(vocab, self.tp), vocab)
+        start = chunk_start(vocab, self.tp, self.rank)
         self._replace(node, rt.vocab_parallel_loss, (logits, target, start, vocab, self.group),
                       {"reduction": mod.reduction, "ignore_index": mod.ignore_index, "label_smoothing": mod.label_smoothing})
 
     def _rewrite_function(self, node):
         t = node.target
-        out = self.pl.get(node)
+        out = self.placement.get(node)
         if t is torch.ops.higher_order.wrap_with_set_grad_enabled:
             enabled, fn, *args = node.args
             self._replace(node, rt.run_with_grad_enabled, (enabled, fn, *args))
-        elif t is aten.embedding.default and self.pl.get(node.args[0]) == Shard(0):
+        elif t is aten.embedding.default and self.placement.get(node.args[0]) == Shard(0):
             weight, ids, padding_idx, scale_grad_by_freq, sparse = _embedding_args(node)
             if sparse or scale_grad_by_freq:
                 # the ids outside this rank's rows are parked on row 0: its frequency count would be wrong
                 raise LoweringError(f"{node.name}: a vocab-parallel embedding with sparse=True or scale_grad_by_freq=True is not lowered")
             rows = int(self._val(weight).shape[0])
-            start = min(self.rank * rt._ceil_div(rows, self.tp), rows)
+            start = chunk_start(rows, self.tp, self.rank)
             self._replace(node, rt.vocab_parallel_embedding, (weight, ids, start, padding_idx))
         elif t in (aten.sym_size.int,):
             x, d = node.args
-            p = self.pl.get(x)
+            p = self.placement.get(x)
             if isinstance(p, Shard) and d % self._val(x).ndim == p.dim:
                 self._drop(node, self._global_size(x, p.dim))
         elif t in (aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default):
-            if isinstance(self.pl.get(node.args[0]), Shard):
+            if isinstance(self.placement.get(node.args[0]), Shard):
                 raise LoweringError(f"{node.name}: {t} of a sharded tensor")
         elif isinstance(out, Shard) and t in SHAPE_ARG_OPS:
             node.args = (node.args[0], self._local_view_shape(node, list(node.args[1]), out.dim), *node.args[2:])
         elif isinstance(out, Shard) and t in EXPAND_OPS:
             shape = list(node.args[1])
-            src = self.pl.get(node.args[0])
+            src = self.placement.get(node.args[0])
             offset = len(shape) - self._val(node.args[0]).ndim
             if src != Shard(out.dim - offset):
                 raise LoweringError(f"{node.name}: expand makes a new sharded dim")
@@ -482,97 +386,9 @@ class _Lowering:
         val = node.meta["val"]
         for j, s in enumerate(shape):
             if j != dim and isinstance(s, int) and s == -1:
-                shape[j] = self._size_of(val.shape[j])
+                shape[j] = self.sizes.size_of(val.shape[j])
         shape[dim] = -1
         return shape
 
-    # ---- sizes ------------------------------------------------------------------------------------
     def _global_size(self, node: fx.Node, dim: int):
-        return self._size_of(self._val(node).shape[dim])
-
-    def _size_of(self, size):
-        """An int, or a node computing a symbolic size from the graph's inputs."""
-        if not isinstance(size, torch.SymInt):
-            return int(size)
-        expr = size.node.expr
-        if expr.is_number:
-            return int(expr)
-        if expr not in self._sizes:
-            self._sizes[expr] = self._emit(expr)
-        return self._sizes[expr]
-
-    def _emit(self, expr):
-        if expr.is_Integer:
-            return int(expr)
-        if expr.is_Symbol:
-            return self._symbol(expr)
-        args = [self._emit(a) for a in expr.args]
-        op = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv, Mod: operator.mod}.get(type(expr))
-        if op is None:
-            raise LoweringError(f"size {expr} has no lowering")
-        value = args[0]
-        for a in args[1:]:
-            with self.graph.inserting_before(self._anchor):
-                value = self.graph.call_function(op, (value, a))
-        return value
-
-    def _symbol(self, sym):
-        for node in self.graph.nodes:
-            if node.op != "placeholder":
-                continue
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                for d, s in enumerate(val.shape):
-                    if isinstance(s, torch.SymInt) and s.node.expr == sym:
-                        with self.graph.inserting_before(self._anchor):
-                            return self.graph.call_function(aten.sym_size.int, (node, d))
-        raise LoweringError(f"size symbol {sym} is not the size of any input")
-
-    # ---- the module boundary ----------------------------------------------------------------------
-    def _outputs(self):
-        out_node = next(n for n in self.graph.nodes if n.op == "output")
-        flat = list(out_node.args[0])
-        outputs, sizes = [], []
-        sharded = set(self.plan.sharded_outputs)
-        for a in flat:
-            p = self.pl.get(a) if isinstance(a, fx.Node) else None
-            if isinstance(a, fx.Node) and a.name in sharded and isinstance(p, (Shard, Partial)):
-                val = self._val(a)
-                if p.is_partial() or isinstance(val.shape[p.dim], torch.SymInt):
-                    raise LoweringError(f"sharded output {a.name} ({p}) has a symbolic sharded dim")
-                outputs.append((p.dim, (p,)))
-                sizes.append(int(val.shape[p.dim]))
-            else:
-                outputs.append(None)
-                sizes.append(None)
-        return outputs, sizes
-
-    def _param_grads(self) -> dict[str, tuple[Placement, ...]]:
-        out = {}
-        for node in self.graph.nodes:
-            fqn = self.captured.param_fqns.get(node.name) if node.op == "placeholder" else None
-            if fqn is None or self.pl.get(node) is None:
-                continue
-            gk = self.gk.get(node)
-            out[fqn] = (gk if gk is not None else self.pl[node],)
-        return out
-
-    def _dynamic_dims(self) -> dict[str, list[int]]:
-        dims = {}
-        for node in self.graph.nodes:
-            if node.op == "placeholder" and node.name in self.captured.user_input_placeholders:
-                val = node.meta.get("val")
-                if isinstance(val, torch.Tensor):
-                    dims[node.name] = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt)]
-        return dims
-
-    def _describe(self) -> list[str]:
-        lines = []
-        for node in self.graph.nodes:
-            if node.op == "call_function" and node.target in COLLECTIVES:
-                back = {rt.all_gather: node.args[-1] if node.args else "", rt.reduce_scatter: "all_gather",
-                        rt.all_reduce: "all_reduce" if len(node.args) > 2 and node.args[2] else "-",
-                        rt.reduce_grad: "all_reduce"}[node.target]
-                x = node.args[0]
-                lines.append(f"{node.name}: {node.target.__name__}({x.name}) backward: {back}")
-        return lines
+        return self.sizes.size_of(self._val(node).shape[dim])

@@ -26,7 +26,7 @@ from autoshard.schema.errors import PlanError
 from autoshard.ops.layout import stride_order
 from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS
 from autoshard.graph.capture import Captured, retarget_devices
-from autoshard.graph.simulate import PlacementSimulator
+from autoshard.graph.simulate import Simulation
 from autoshard.graph.simplify import view_root
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.execute.dtensor_ops import ConsistentGrad, LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
@@ -40,134 +40,182 @@ GRAD_VIEWING_OPS = frozenset({
 })
 
 
-def rewrite_graph(captured: Captured, plan: Plan, simulator: PlacementSimulator, mesh: DeviceMesh) -> fx.GraphModule:
-    """The runnable graph: placeholders (params, buffers, constants, user inputs) in export order."""
-    sim = simulator.run(plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs))
+def rewrite_graph(captured: Captured, plan: Plan, sim: Simulation, mesh: DeviceMesh) -> fx.GraphModule:
+    """The runnable graph: placeholders (params, buffers, constants, user inputs) in export order.
+    `sim`: the plan's placements simulated (`simulate.simulate`). One function per rewrite, in order."""
     _reject_mutations(captured, sim)
-    gm = copy.deepcopy(captured.program.graph_module)
-    graph = gm.graph
-    nodes = {n.name: n for n in graph.nodes}
-    counter = [0]
+    g = _Editing(copy.deepcopy(captured.program.graph_module), mesh)
+    _drop_asserts(g)
+    # capture ran on meta or on fake tensors of the mesh's device type (fake CUDA tensors say
+    # `cuda:0`): point factory ops at the mesh's device, on this rank's current device
+    device = torch.device(mesh.device_type)
+    retarget_devices(g.gm, device, only=("meta", device.type))  # recompiles every graph
+    _promote_plain_tensors(g, sim)
+    _insert_boundaries(g, plan)
+    _slice_replicated_values_for_shards(g, sim)
+    _local_attention(g, plan)
+    _whole_ops(g, plan, sim)
+    _local_matmuls(g, sim)
+    _vocab_parallel_loss(g, plan)
+    _gather_outputs(g, plan, sim)
+    _guard_gradient_layouts(g, sim)
+    g.graph.eliminate_dead_code()
+    g.graph.lint()
+    g.gm.recompile()
+    return g.gm
 
-    def add_module(mod: torch.nn.Module, prefix: str) -> str:
-        counter[0] += 1
-        name = f"_autoshard_{prefix}_{counter[0]}"
-        gm.add_module(name, mod)
+
+class _Editing:
+    """The graph being rewritten: its nodes by exported name, and runtime modules added by prefix."""
+
+    def __init__(self, gm: fx.GraphModule, mesh: DeviceMesh):
+        self.gm, self.graph, self.mesh = gm, gm.graph, mesh
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self._count = 0
+
+    def add(self, mod: torch.nn.Module, prefix: str) -> str:
+        self._count += 1
+        name = f"_autoshard_{prefix}_{self._count}"
+        self.gm.add_module(name, mod)
         return name
 
-    for sub in gm.modules():  # the main graph and higher-order-op bodies (rotary tables)
+    def is_module(self, node: fx.Node, kinds) -> bool:
+        return node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), kinds)
+
+
+def _drop_asserts(g: _Editing) -> None:
+    """Export's `_assert_tensor_metadata` nodes go: DTensor has no rule for them, nothing uses them."""
+    for sub in g.gm.modules():  # the main graph and higher-order-op bodies (rotary tables)
         if isinstance(sub, fx.GraphModule):
             for node in list(sub.graph.nodes):
                 if node.op == "call_function" and node.target in ASSERT_OPS:
                     sub.graph.erase_node(node)
-    # capture ran on meta or on fake tensors of the mesh's device type (fake CUDA tensors say
-    # `cuda:0`): point factory ops at the mesh's device, on this rank's current device
-    device = torch.device(mesh.device_type)
-    retarget_devices(gm, device, only=("meta", device.type))  # recompiles every graph
 
-    # plain tensors meeting DTensors
+
+def _promote_plain_tensors(g: _Editing, sim: Simulation) -> None:
+    """Plain tensors made in the graph (masks, rotary tables) become Replicate DTensors where they meet DTensors."""
     promoted: dict[str, fx.Node] = {}
-    for name in sorted(sim.mixed, key=lambda n: _order(graph, n)):
-        node = nodes[name]
+    for name in sorted(sim.mixed, key=lambda n: _order(g.graph, n)):
+        node = g.nodes[name]
         for arg in node.all_input_nodes:
             if sim.specs.get(arg.name) is None and isinstance(arg.meta.get("val"), torch.Tensor):
                 if arg.name not in promoted:
-                    with graph.inserting_after(arg):
-                        promoted[arg.name] = graph.call_module(add_module(ToReplicate(mesh), "replicate"), (arg,))
+                    with g.graph.inserting_after(arg):
+                        promoted[arg.name] = g.graph.call_module(g.add(ToReplicate(g.mesh), "replicate"), (arg,))
                 node.replace_input_with(arg, promoted[arg.name])
 
+
+def _insert_boundaries(g: _Editing, plan: Plan) -> None:
+    """Each boundary of the plan: a `Redistribute` right after its producer, read by all its users."""
     for name, placement in plan.boundary_placements().items():
-        node = nodes.get(name)
+        node = g.nodes.get(name)
         if node is None:
             raise PlanError(f"plan boundary {name!r} is not a node of this graph: the plan was made for another model or inputs")
         users = list(node.users)
-        with graph.inserting_after(node):
-            moved = graph.call_module(add_module(Redistribute(mesh, (placement,)), "redistribute"), (node,))
+        with g.graph.inserting_after(node):
+            moved = g.graph.call_module(g.add(Redistribute(g.mesh, (placement,)), "redistribute"), (node,))
         for u in users:
             u.replace_input_with(node, moved)
 
-    # a replicated value DTensor slices to meet sequence shards (a replicated MoE block's output
-    # added to the sequence-parallel residual) gets its gradient back sharded, and the replicated
-    # computation behind it would run its backward on shards (views of uneven shards fail there).
-    # An explicit slice makes the backward all-gather it, as a replicated forward needs.
+
+def _slice_replicated_values_for_shards(g: _Editing, sim: Simulation) -> None:
+    """A replicated value DTensor slices to meet sequence shards (a replicated MoE block's output
+    added to the sequence-parallel residual) gets its gradient back sharded, and the replicated
+    computation behind it would run its backward on shards (views of uneven shards fail there).
+    An explicit slice makes the backward all-gather it, as a replicated forward needs."""
     for move in sim.redistributions:
-        src, consumer = nodes.get(move.source), nodes.get(move.consumer)
+        src, consumer = g.nodes.get(move.source), g.nodes.get(move.consumer)
         if move.planned or src is None or consumer is None or src.op != "call_function" or src is consumer:
             continue
         if move.src != "Replicate()" or not move.dst.startswith("Shard(") or not _carries_gradient(src):
             continue
-        with graph.inserting_before(consumer):
-            sliced = graph.call_module(add_module(Redistribute(mesh, (parse_placement(move.dst),)), "redistribute"), (src,))
+        with g.graph.inserting_before(consumer):
+            sliced = g.graph.call_module(g.add(Redistribute(g.mesh, (parse_placement(move.dst),)), "redistribute"), (src,))
         consumer.replace_input_with(src, sliced)
 
+
+def _local_attention(g: _Editing, plan: Plan) -> None:
+    """Attention becomes a `local_map` region on local heads (or batch rows)."""
     for name, placement in plan.attention.items():
-        node = nodes[name]
+        node = g.nodes[name]
         q, k, v, *rest = node.args
         mask = rest[0] if rest else node.kwargs.get("attn_mask")
         kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ != "attn_mask"}
         for key, val in zip(("dropout_p", "is_causal"), rest[1:]):
             kwargs[key] = val
-        with graph.inserting_before(node):
+        with g.graph.inserting_before(node):
             val = node.meta.get("val")
             layout = stride_order(val) if isinstance(val, torch.Tensor) else None
-            new = graph.call_module(add_module(LocalAttention(parse_placement(placement), kwargs, layout), "attention"), (q, k, v, mask))
+            new = g.graph.call_module(g.add(LocalAttention(parse_placement(placement), kwargs, layout), "attention"), (q, k, v, mask))
         node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        g.graph.erase_node(node)
 
-    present = set(graph.nodes)
-    for name in sim.unsupported:  # ops DTensor cannot run at all: whole, on every rank
-        node = nodes.get(name)
+
+def _whole_ops(g: _Editing, plan: Plan, sim: Simulation) -> None:
+    """Ops DTensor cannot run at all: whole, on every rank (`ReplicatedLocal`)."""
+    present = set(g.graph.nodes)
+    for name in sim.unsupported:
+        node = g.nodes.get(name)
         if node not in present or node.op != "call_function" or isinstance(node.target, torch._ops.HigherOrderOperator):
             continue
         if node.target in ATTENTION_OPS or name in plan.loss_parallel:
             continue
-        with graph.inserting_before(node):
-            new = graph.call_module(add_module(ReplicatedLocal(node.target), "replicated_local"), tuple(node.args), dict(node.kwargs))
+        with g.graph.inserting_before(node):
+            new = g.graph.call_module(g.add(ReplicatedLocal(node.target), "replicated_local"), tuple(node.args), dict(node.kwargs))
         new.meta = dict(node.meta)  # the same value as the op it runs (the lowering reads its shape)
         node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        g.graph.erase_node(node)
 
-    for node in list(graph.nodes):  # batched matmuls the simulation runs on batch/head shards
+
+def _local_matmuls(g: _Editing, sim: Simulation) -> None:
+    """Batched matmuls the simulation runs on batch/head shards run on the local shards."""
+    for node in list(g.graph.nodes):
         if node.op == "call_function" and node.target is aten.matmul.default:
             spec = sim.specs.get(node.name)
             if isinstance(spec, DTensorSpec) and spec.placements[0].is_shard():
-                with graph.inserting_before(node):
-                    new = graph.call_module(add_module(LocalMatmul(spec.placements[0]), "matmul"), tuple(node.args[:2]))
+                with g.graph.inserting_before(node):
+                    new = g.graph.call_module(g.add(LocalMatmul(spec.placements[0]), "matmul"), tuple(node.args[:2]))
                 node.replace_all_uses_with(new)
-                graph.erase_node(node)
+                g.graph.erase_node(node)
 
+
+def _vocab_parallel_loss(g: _Editing, plan: Plan) -> None:
+    """A cross-entropy on vocab-sharded logits: the vocab-parallel loss."""
     for name in plan.loss_parallel:
-        node = nodes[name]
+        node = g.nodes[name]
         if node.target is not aten.cross_entropy_loss.default:
             raise PlanError(f"loss parallel is implemented for cross_entropy_loss, not {node.target}")
         logits, target, *rest = node.args
         opts = dict(zip(("weight", "reduction", "ignore_index", "label_smoothing"), rest))
         opts.update(node.kwargs)
-        with graph.inserting_before(node):
-            new = graph.call_module(add_module(VocabParallelLoss(**opts), "loss_parallel"), (logits, target))
+        with g.graph.inserting_before(node):
+            new = g.graph.call_module(g.add(VocabParallelLoss(**opts), "loss_parallel"), (logits, target))
         node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        g.graph.erase_node(node)
 
-    output = next(n for n in graph.nodes if n.op == "output")
+
+def _gather_outputs(g: _Editing, plan: Plan, sim: Simulation) -> None:
+    """Outputs come back to the caller as plain full tensors, unless the plan keeps them sharded."""
+    output = next(n for n in g.graph.nodes if n.op == "output")
     for arg in list(output.all_input_nodes):
-        if isinstance(sim.specs.get(arg.name), DTensorSpec) and arg.name not in plan.sharded_outputs:
-            with graph.inserting_before(output):
-                full = graph.call_module(add_module(ToFull(), "to_full"), (arg,))
+        # a boundary can be the last op (a row linear's reduction returned as is): a DTensor too
+        boundary = g.is_module(arg, (Redistribute, ToReplicate))
+        if (boundary or isinstance(sim.specs.get(arg.name), DTensorSpec)) and arg.name not in plan.sharded_outputs:
+            with g.graph.inserting_before(output):
+                full = g.graph.call_module(g.add(ToFull(), "to_full"), (arg,))
             output.replace_input_with(arg, full)
 
-    for node in list(graph.nodes):
+
+def _guard_gradient_layouts(g: _Editing, sim: Simulation) -> None:
+    """`ConsistentGrad` after every op whose backward views its output's gradient (see GRAD_VIEWING_OPS)."""
+    for node in list(g.graph.nodes):
         if node.op == "call_function" and node.target in GRAD_VIEWING_OPS and isinstance(sim.specs.get(node.name), DTensorSpec):
             users = list(node.users)
-            with graph.inserting_after(node):
-                new = graph.call_module(add_module(ConsistentGrad(), "consistent_grad"), (node,))
+            with g.graph.inserting_after(node):
+                new = g.graph.call_module(g.add(ConsistentGrad(), "consistent_grad"), (node,))
             new.meta = dict(node.meta)
             for u in users:
                 u.replace_input_with(node, new)
-
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _carries_gradient(node: fx.Node) -> bool:

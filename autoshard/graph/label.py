@@ -24,6 +24,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.graph.analyse import GraphAnalysis, Role
 from autoshard.graph.simulate import PlacementSimulator, Simulation
+from autoshard.schema.units import chunk_block
 
 REPLICATE = Replicate()
 
@@ -152,10 +153,10 @@ def _embedding_candidate(analysis: GraphAnalysis, sim: PlacementSimulator, node:
     cand = Candidate(kind="embedding", column=[node.name], inputs=[node.args[1].name])
     fqn = analysis.param_of(node.args[0])
     vocab, tp = int(node.args[0].meta["val"].shape[0]), sim.mesh.size()
-    if -(-vocab // tp) * (tp - 1) >= vocab:
+    if chunk_block(vocab, tp) * (tp - 1) >= vocab:
         # torch.chunk's layout leaves the last rank(s) no rows, and a lookup in an empty table
         # fails on those ranks only (the others then wait in a collective)
-        return _illegal(cand, f"vocab of {vocab} rows over tp={tp} leaves a rank an empty shard (chunks of {-(-vocab // tp)})")
+        return _illegal(cand, f"vocab of {vocab} rows over tp={tp} leaves a rank an empty shard (chunks of {chunk_block(vocab, tp)})")
     step = sim.run({fqn: Shard(0)}, nodes={node.name})
     spec = step.specs.get(node.name)
     if step.unsupported.get(node.name) or step.communication():

@@ -30,6 +30,7 @@ from torch.distributed.tensor._op_schema import OpSchema, RuntimeSchemaInfo
 from torch.distributed.tensor.placement_types import Placement
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role
+from autoshard.schema.plan import Plan
 
 aten = torch.ops.aten
 REPLICATE = Replicate()
@@ -370,3 +371,8 @@ def _fmt(placements) -> str:
     from autoshard.schema.plan import placement_str
 
     return ",".join(placement_str(p) for p in placements)
+
+
+def simulate(simulator: PlacementSimulator, plan: Plan) -> Simulation:
+    """`plan`'s placements propagated over the graph: what the rewrite and the lowering follow."""
+    return simulator.run(plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs))

@@ -68,7 +68,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
+class VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of local vocab-sharded logits ``[n, v_local]``; returns fp32 ``[n]``."""
 
     @staticmethod
@@ -259,7 +259,7 @@ def vocab_parallel_cross_entropy(
 
     local_logits = logits.to_local()  # differentiable: its grad comes back Shard-ed like logits
     local_batch_shape = tuple(local_logits.shape[:-1])
-    rows = _VocabParallelCrossEntropy.apply(
+    rows = VocabParallelCrossEntropy.apply(
         # explicit row count: a rank holding zero vocab columns has 0 elements, so -1 is ambiguous
         local_logits.reshape(math.prod(local_batch_shape), local_logits.shape[-1]),
         local_target.reshape(-1),

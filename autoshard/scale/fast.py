@@ -23,27 +23,22 @@ from __future__ import annotations
 
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from torch import nn
 
-from autoshard import api
+from autoshard.api import PlanRun, Progress, plan_model
 from autoshard.distributed.mesh import mesh_info
 from autoshard.graph.capture import Captured
-from autoshard.choose.choose import _LAYOUT_TEXT, _fmt_bytes, resolve_hardware
+from autoshard.choose.budget import fmt_bytes, resolve_hardware
+from autoshard.schema.plan import STREAM_TEXT
 from autoshard.schema.plan import Plan
 from autoshard.scale.expand import expand_plan
 from autoshard.graph.layers import LayerStack, find_layer_stack, truncated
 from autoshard.scale.names import LayerNames, NotRepeating, Unsettled
 from autoshard.scale.scaled_estimate import scaled_estimate
 
-# the passes `autoshard.plan` runs, in order; timed by wrapping them while it runs
-PHASES = ("capture", "analyse", "PlacementSimulator", "label", "choose")
 ATTEMPTS = (4, 6)  # layers to capture: the name stride settles after 1-3 layers (see names.py)
-
-Progress = Callable[[str, str, float | None], None]  # (phase, detail, seconds or None at start)
 
 
 @dataclass
@@ -52,8 +47,12 @@ class PlanningResult:
     timings: dict[str, float] = field(default_factory=dict)
     stack: LayerStack | None = None
     captured_layers: int | None = None   # layers captured, or None when planned in full
-    captured: Captured | None = None     # the graph that was planned (the truncation's)
+    run: PlanRun | None = None           # what was captured and planned (the truncation's)
     fallback: str = ""                   # why the full model was planned, "" when it was not
+
+    @property
+    def captured(self) -> Captured | None:
+        return self.run.captured if self.run else None
 
     @property
     def total_s(self) -> float:
@@ -96,17 +95,24 @@ def plan_layers_once(
         except NotRepeating as e:
             result.fallback = f"layers of {stack.path} do not repeat exactly ({e}): planned in full"
             break
-    with _timed_passes(result.timings, progress, f"all {stack.count} layers" if stack else "the full model") as last:
-        result.plan = api.plan(model, mesh, example_inputs, sequence_parallel=sequence_parallel, **plan_kwargs)
-    result.captured = last.get("capture")
+    result.run = _planned(model, mesh, example_inputs, sequence_parallel, progress,
+                          f"all {stack.count} layers" if stack else "the full model", plan_kwargs, result.timings)
+    result.plan = result.run.plan
     return result
 
 
+def _planned(model, mesh, inputs, sp, progress, detail: str, plan_kwargs: dict, timings: dict) -> PlanRun:
+    """`autoshard.plan`'s passes on `model`, each pass's time added to `timings`."""
+    run = plan_model(model, mesh, inputs, sequence_parallel=sp, progress=progress, detail=detail, **plan_kwargs)
+    for name, seconds in run.timings.items():
+        timings[name] = timings.get(name, 0.0) + seconds
+    return run
+
+
 def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, verify, plan_kwargs) -> PlanningResult:
-    small = truncated(model, stack, keep)
-    with _timed_passes(result.timings, progress, f"{keep} of {stack.count} layers") as last:
-        plan = api.plan(small, mesh, inputs, sequence_parallel=sp, **plan_kwargs)
-    captured = last["capture"]
+    run = _planned(truncated(model, stack, keep), mesh, inputs, sp, progress, f"{keep} of {stack.count} layers", plan_kwargs,
+                   result.timings)
+    plan, captured = run.plan, run.captured
     t0 = _start(progress, "expand", f"to {stack.count} layers")
     names = LayerNames.from_captured(captured, stack.path, stack.count)
     full = expand_plan(plan, names)
@@ -116,26 +122,26 @@ def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, veri
         # the cost model's numbers for all layers: the truncation's per-node costs, layer T counted N-K+1 times
         t0 = _start(progress, "estimate", f"scaled to {stack.count} layers")
         profile = resolve_hardware(plan_kwargs.get("hardware"), mesh_info(mesh))
-        full.estimate = scaled_estimate(last["analyse"], last["PlacementSimulator"], plan, profile, names)
+        full.estimate = scaled_estimate(run, profile, names)
         full.estimate["budget"] = _scaled_budget(plan.estimate.get("budget"), full.estimate, keep)
         full.estimate["solver"] = {**plan.estimate.get("solver", {}), "planned_layers": keep}
         full.notes = [_scaled_layout_note(n, full.stream, full.estimate, keep) for n in full.notes]
         result.timings["estimate"] = _stop(progress, "estimate", t0)
     if verify:
         # one layer more, planned for real: the grown plan (and its estimate) must equal it
-        with _timed_passes(result.timings, progress, f"{keep + 1} of {stack.count} layers (check)"):
-            bigger = api.plan(truncated(model, stack, keep + 1), mesh, inputs, sequence_parallel=sp, **plan_kwargs)
+        bigger = _planned(truncated(model, stack, keep + 1), mesh, inputs, sp, progress, f"{keep + 1} of {stack.count} layers (check)",
+                          plan_kwargs, result.timings).plan
         names_k1 = LayerNames.from_captured(captured, stack.path, keep + 1)
         grown = expand_plan(plan, names_k1)
         if plan.estimate is not None:
-            check = scaled_estimate(last["analyse"], last["PlacementSimulator"], plan, profile, names_k1)
+            check = scaled_estimate(run, profile, names_k1)
             _check_estimate(check, bigger.estimate, keep + 1)
         # the layout note quotes solver totals, which can differ from the estimate (choose prices a
         # tied table whole in the solver); the estimate was just compared, so leave the note out
         if _comparable(grown) != _comparable(bigger):
             raise NotRepeating(f"the {keep}-layer plan grown to {keep + 1} layers differs from the {keep + 1}-layer plan")
     result.plan = full
-    result.captured = captured
+    result.run = run
     result.captured_layers = keep
     result.fallback = ""
     return result
@@ -180,7 +186,7 @@ def _scaled_layout_note(note: str, stream: str, estimate: dict, keep: int) -> st
     truncation's, and the note says so."""
     if not note.startswith(_LAYOUT_NOTE) or "(best plans per stream layout" not in note:
         return note
-    chosen = _LAYOUT_TEXT[stream]
+    chosen = STREAM_TEXT[stream]
     others = False
 
     def sub(m):
@@ -188,7 +194,7 @@ def _scaled_layout_note(note: str, stream: str, estimate: dict, keep: int) -> st
         if m.group("layout") != chosen:
             others = True
             return m.group(0)
-        return f"{chosen}: {estimate['time_s']['total'] * 1e3:.3f} ms, {_fmt_bytes(estimate['memory_bytes']['total'])}/rank"
+        return f"{chosen}: {estimate['time_s']['total'] * 1e3:.3f} ms, {fmt_bytes(estimate['memory_bytes']['total'])}/rank"
 
     out = _PRICED.sub(sub, note)
     return out + (f" [other layouts priced on the {keep}-layer truncation planned]" if others else "")
@@ -223,33 +229,3 @@ def _stop(progress, phase, t0) -> float:
     if progress:
         progress(phase, "", dt)
     return dt
-
-
-@contextmanager
-def _timed_passes(timings: dict[str, float], progress: Progress | None, detail: str):
-    """Time each pass `autoshard.plan` calls (wrapping the names in `autoshard.api`), and keep
-    each pass's last result (the Captured graph is needed to grow the plan)."""
-    originals = {name: getattr(api, name) for name in PHASES if hasattr(api, name)}
-    last: dict = {}
-
-    def wrap(name, fn):
-        phase = "analyse" if name == "PlacementSimulator" else name
-
-        shown = progress if name != "PlacementSimulator" else None  # one "analyse" line, not two
-
-        def timed(*args, **kwargs):
-            t0 = _start(shown, phase, detail if phase == "capture" else "")
-            out = fn(*args, **kwargs)
-            timings[phase] = timings.get(phase, 0.0) + _stop(shown, phase, t0)
-            last[name] = out
-            return out
-
-        return timed
-
-    try:
-        for name, fn in originals.items():
-            setattr(api, name, wrap(name, fn))
-        yield last
-    finally:
-        for name, fn in originals.items():
-            setattr(api, name, fn)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from autoshard.schema.plan import Plan, parse_placement
+from autoshard.schema.units import chunk_len
 
 
 def shard_size(n: int, tp: int, rank: int) -> int:
     """Rows of an `n`-row dim that `rank` holds when split over `tp` ranks like torch.chunk."""
-    chunk = math.ceil(n / tp) if n else 0
-    return max(0, min(chunk, n - rank * chunk))
+    return chunk_len(n, tp, rank)
 
 
 def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:

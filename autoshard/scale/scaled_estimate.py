@@ -1,6 +1,6 @@
 """The cost model's estimate of all `N` layers, from the graph of a `K`-layer truncation.
 
-`plan.estimate` (passes/choose.py `estimate_plan`) sums, over the graph, the compute time of each
+`plan.estimate` (`choose/pricer.py` `estimate_plan`) sums, over the graph, the compute time of each
 node, the collectives moved at each node, the saved activations attributed to each node and the
 parameter state of each parameter. In the truncation the template layer `T = K - 2` stands for
 the middle layers T..N-2 (`expand.py`), so the estimate of the full model is the same sums with
@@ -11,7 +11,7 @@ One part is not a per-node sum: the gradient all-reduces of replicated parameter
 bucketed (`estimate.gradient_reductions`: backward order, up to 25 MiB per bucket, one all-reduce
 per bucket). Those buckets are packed again over the full model's parameter list.
 
-    est = scaled_estimate(analysis, simulator, plan, profile, names)   # names: LayerNames for N
+    est = scaled_estimate(run, profile, names)   # run: the truncation's PlanRun; names: LayerNames for N
 """
 
 from __future__ import annotations
@@ -21,24 +21,16 @@ from types import SimpleNamespace
 from autoshard.cost.activation import SavedActivations, saved_activations
 from autoshard.cost.estimate import BUCKET_CAP_BYTES, CommEvent, comm_events, comm_summary, compute_times, estimate_record
 from autoshard.cost.memory import MemoryBreakdown, activation_memory, state_memory, tensor_bytes
-from autoshard.graph.simulate import PlacementSimulator
-from autoshard.schema.plan import Plan, parse_placement
 from autoshard.scale.names import LayerNames
+from autoshard.schema.units import pack_buckets
 
 GRAD_REDUCE_WHY = "Partial gradients"  # prefix of the bucketed gradient all-reduce events
 
 
-def final_simulation(simulator: PlacementSimulator, plan: Plan):
-    """Re-run the placement simulation of the chosen plan (what `choose` priced it on)."""
-    params = {fqn: parse_placement(p.placement) for fqn, p in plan.params.items()}
-    return simulator.run(params, plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs))
-
-
-def scaled_estimate(analysis, simulator: PlacementSimulator, plan: Plan, profile, names: LayerNames,
-                    saved: SavedActivations | None = None) -> dict:
-    """`plan.estimate` of the truncation (`plan` as chosen on it) grown to `names.n_layers` layers."""
+def scaled_estimate(run, profile, names: LayerNames, saved: SavedActivations | None = None) -> dict:
+    """`plan.estimate` of the truncation (`run`: its PlanRun) grown to `names.n_layers` layers."""
+    analysis, plan, sim = run.analysis, run.plan, run.simulation
     tp = plan.mesh["tp"]
-    sim = final_simulation(simulator, plan)
     saved = saved if saved is not None else saved_activations(analysis, profile.device_type)
     copies = names.n_layers - names.captured + 1
 
@@ -103,14 +95,7 @@ def _gradient_buckets(analysis, sim, grad_reduce: set[str], names: LayerNames, c
                 emitted = True
             continue
         sequence.append((r[1], r[2], r[1]))
-    buckets: list[list[tuple]] = []
-    size = 0
-    for key, nbytes, fqn in sequence:
-        if not buckets or (buckets[-1] and size + nbytes > BUCKET_CAP_BYTES):
-            buckets.append([])
-            size = 0
-        buckets[-1].append((key, nbytes, fqn))
-        size += nbytes
+    buckets = pack_buckets((((key, nbytes, fqn), nbytes) for key, nbytes, fqn in sequence), BUCKET_CAP_BYTES)
     out = []
     for b in buckets:
         members = [(k, n) for k, n, fqn in b if fqn in grad_reduce]

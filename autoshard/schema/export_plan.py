@@ -10,11 +10,16 @@ Tied parameters: `parallelize_module` re-registers parameters, so re-tie them af
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
-from autoshard.schema.plan import Plan, parse_placement
+from autoshard.schema.placements import parse_placement
 from autoshard.schema.styles import ReplicateParameters
+
+if TYPE_CHECKING:
+    from autoshard.schema.plan import Plan
 
 
 def _module(fqn: str) -> str:

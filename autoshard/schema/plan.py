@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,28 +14,16 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
 from autoshard.schema.errors import PlanError
+from autoshard.schema.placements import parse_placement, placement_str, planned_placement  # noqa: F401 - the plan's vocabulary
 
 PLAN_FORMAT = 1
 
 
-def placement_str(p: Placement) -> str:
-    if isinstance(p, Shard):
-        return f"Shard({p.dim})"
-    if isinstance(p, Partial):
-        return "Partial()"
-    return "Replicate()"
 
 
-_PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\(\)$")
-
-
-def parse_placement(text: str) -> Placement:
-    m = _PLACEMENT.match(text.strip())
-    if not m:
-        raise PlanError(f"not a placement: {text!r} (expected Shard(d), Replicate() or Partial())")
-    if m.group(1):
-        return Shard(int(m.group(2)))
-    return Replicate() if m.group(3) else Partial()
+# the two layouts of the residual stream: split on the sequence dim, or whole on every rank
+SP_STREAM, REPLICATED_STREAM = "sequence_parallel", "replicated"
+STREAM_TEXT = {SP_STREAM: "sequence-parallel", REPLICATED_STREAM: "replicated"}
 
 
 @dataclass

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from autoshard.schema.plan import Plan
-from autoshard.schema.units import format_bytes as _bytes
+from typing import TYPE_CHECKING
+
+from autoshard.schema.units import chunk_block, format_bytes as _bytes
+
+if TYPE_CHECKING:
+    from autoshard.schema.plan import Plan
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*map(str, r)) for r in rows]
@@ -23,13 +27,13 @@ def render_report(plan: Plan) -> str:
         "Regions",
     ]
     rows = [[r.name, r.kind, r.strategy + (" + loss parallel" if r.loss_parallel else ""), r.reason] for r in plan.regions]
-    lines += ["  " + line for line in _table(rows, ["region", "kind", "strategy", "why"])]
+    lines += ["  " + line for line in table(rows, ["region", "kind", "strategy", "why"])]
     lines += ["", "Parameters"]
     rows = [[p.fqn, "x".join(map(str, p.shape)), p.placement, p.reason + (f" (tied to {p.tied_to})" if p.tied_to else "")] for p in plan.params.values()]
-    lines += ["  " + line for line in _table(rows, ["parameter", "shape", "placement", "why"])]
+    lines += ["  " + line for line in table(rows, ["parameter", "shape", "placement", "why"])]
     lines += ["", "Boundaries (one forward at the example shape; backward runs the paired collective)"]
     rows = [[b.node, f"{b.src} -> {b.dst}", b.collective or "local", _bytes(b.bytes), b.reason] for b in plan.boundaries]
-    lines += ["  " + line for line in _table(rows, ["after node", "layout", "collective", "bytes", "why"])] if rows else ["  none"]
+    lines += ["  " + line for line in table(rows, ["after node", "layout", "collective", "bytes", "why"])] if rows else ["  none"]
     counts = plan.collective_counts()
     lines += ["", "Collectives per forward: " + (", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none")]
     if plan.estimate:
@@ -100,7 +104,7 @@ def _param_cost(plan: Plan, p) -> str:
     shape = list(p.shape)
     if p.placement.startswith("Shard(") and shape:
         dim = int(p.placement[len("Shard("):].split(")")[0].split("=")[-1])
-        shape[dim] = -(-shape[dim] // tp)
+        shape[dim] = chunk_block(shape[dim], tp)
     numel = math.prod(shape)
     size = torch.empty((), dtype=getattr(torch, p.dtype)).element_size()
     text = f"{_bytes(numel * size)} parameter + {_bytes(numel * size)} gradient + {_bytes(numel * 8)} Adam state per rank"

@@ -14,3 +14,34 @@ def format_bytes(n: float, digits: int = 1) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     return str(n)
+
+
+# ---- torch.chunk's layout (DTensor's Shard): full blocks of ceil(n / parts), a short one, then empty ----
+def chunk_block(n, parts: int):
+    """The size of every full chunk of an `n`-long dim split in `parts` (ints or SymInts)."""
+    return (n + parts - 1) // parts
+
+
+def chunk_start(n, parts: int, index: int):
+    """Where chunk `index` starts (`n` for the empty chunks past the end)."""
+    return min(index * chunk_block(n, parts), n)
+
+
+def chunk_len(n, parts: int, index: int):
+    """How many of the `n` elements chunk `index` holds."""
+    block = chunk_block(n, parts)
+    return max(0, min(block, n - index * block))
+
+
+def pack_buckets(sized, cap: float) -> list[list]:
+    """`(key, nbytes)` pairs, in order, packed into consecutive buckets of at most `cap` bytes (a
+    larger item gets a bucket of its own): DDP's and autoshard's gradient buckets."""
+    buckets: list[list] = []
+    size = 0.0
+    for key, nbytes in sized:
+        if not buckets or (buckets[-1] and size + nbytes > cap):
+            buckets.append([])
+            size = 0.0
+        buckets[-1].append(key)
+        size += nbytes
+    return buckets

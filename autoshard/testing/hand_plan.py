@@ -16,16 +16,14 @@ torchtitan write it, in its best variant (the one with the fewest collectives):
 * ``lm_head``: ``ColwiseParallel`` -> replicated logits, or vocab-sharded DTensor logits for
   ``loss_parallel``.
 
-With SP the residual stream stays a ``Shard(1)`` DTensor between layers (HF builds
-``position_ids`` and the rotary tables from the embedding output's shape; a local tensor would give
-the *local* sequence length). Without SP it is a plain replicated tensor between blocks, exactly
-as in the PyTorch TP tutorial: the ``PrepareModuleInput`` ``from_local`` at each block entry is
+With SP the residual stream stays a ``Shard(1)`` DTensor between layers (HF builds the rotary
+tables from its shape; a local tensor would give the *local* length). Without SP it is a plain
+replicated tensor between blocks, exactly as in the PyTorch TP tutorial: the ``PrepareModuleInput`` ``from_local`` at each block entry is
 then Megatron's "f" (identity forward, one all-reduce backward). A DTensor ``Replicate`` residual
 does not work there: its ``Partial`` gradient reaches the embedding's ``MaskPartial`` redistribute
 and fails ("Redistribution from one partial type (P(sum)) to another (MaskP...) is unsupported").
 Qwen3 ``q_norm``/``k_norm`` weights become replicated DTensors: left plain, their gradient is a
-``Partial`` DTensor on a plain parameter (its local value is a per-rank partial sum and a plain
-optimizer step raises "mixed torch.Tensor and DTensor").
+``Partial`` DTensor on a plain parameter (an optimizer step raises "mixed torch.Tensor and DTensor").
 
 HF computes rotary ``cos``/``sin`` and attention masks as plain tensors; they meet DTensors inside
 attention, so forward **and backward** must run under
@@ -115,7 +113,7 @@ def _register_cpu_sdpa_sharding() -> None:
     """Register batch/head-sharded strategies for CPU flash SDPA forward and backward.
 
     Without them DTensor falls back to searching decompositions (tens of seconds per call) and the
-    backward has no strategy at all (see shared/TORCH213.md).
+    backward has no strategy at all in torch 2.13.
     """
     global _CPU_SDPA_REGISTERED
     if _CPU_SDPA_REGISTERED:

@@ -1,0 +1,139 @@
+"""Parameter placements of the chosen regions: column / row / vocab splits, tied tensors, replicated reasons."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor.placement_types import Placement
+
+from autoshard.graph.analyse import GraphAnalysis, Role
+from autoshard.graph.label import Candidate
+from autoshard.graph.simulate import Simulation
+from autoshard.schema.plan import SP_STREAM, ParamPlan, placement_str
+
+REPLICATE = Replicate()
+
+
+def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
+    params: dict[str, Placement] = {}
+    reasons: dict[str, tuple[str, str | None]] = {}
+    for c in chosen:
+        name = region_name(analysis, c)
+        for n in c.column:
+            node = analysis.nodes[n]
+            if c.kind == "embedding":
+                _set(params, reasons, analysis.param_of(node.args[0]), Shard(0), "vocab-parallel table: rows (vocab) split over tp", name)
+                continue
+            why = "column-parallel LM head, logits vocab-sharded" if c.kind == "column_output" else "column-parallel: output features split over tp"
+            _set(params, reasons, analysis.param_of(node.args[1]), Shard(0), why, name)
+            if len(node.args) > 2 and analysis.param_of(node.args[2]):
+                _set(params, reasons, analysis.param_of(node.args[2]), Shard(0), "bias of a column-parallel linear", name)
+        for n in c.row:
+            node = analysis.nodes[n]
+            _set(params, reasons, analysis.param_of(node.args[1]), Shard(1), "row-parallel: input features split, partial sums reduced after", name)
+            if len(node.args) > 2 and analysis.param_of(node.args[2]):
+                _set(params, reasons, analysis.param_of(node.args[2]), REPLICATE, "bias of a row-parallel linear, added once after the reduction", name)
+    return params, reasons, []
+
+
+def _set(params, reasons, fqn, placement, why, region):
+    params[fqn] = placement
+    reasons[fqn] = (why, region)
+
+
+def region_params(analysis, c: Candidate) -> dict[str, Placement]:
+    params, _, _ = param_placements(analysis, [c])
+    return params
+
+
+def reconcile_ties(analysis, params, reasons, chosen) -> tuple[dict, list[str], set[int]]:
+    """Tied parameters share one tensor, so all their uses need the same placement. Returns the
+    parameters left sharded, notes, and the ids of the candidates that must stay replicated."""
+    notes: list[str] = []
+    demoted: set[int] = set()
+    groups: dict[str, list[str]] = {}
+    for fqn, canon in analysis.captured.tied.items():
+        groups.setdefault(canon, [canon]).append(fqn)
+    in_graph = {fqn for ph, fqn in analysis.captured.param_fqns.items() if analysis.nodes[ph].users}
+    for canon, names in groups.items():
+        # an alias whose placeholder is unused (export reads the tied tensor once) follows canon
+        placements = {placement_str(params.get(n, REPLICATE)) for n in names if n in in_graph}
+        if len(placements) > 1:
+            for c in chosen:
+                touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column + c.row}
+                if touched & set(names):
+                    demoted.add(id(c))
+                    for fqn in touched:
+                        params.pop(fqn, None)
+                        reasons.pop(fqn, None)
+            notes.append(f"tied parameters {', '.join(names)} need one placement ({' vs '.join(sorted(placements))}); their regions stay replicated")
+    # A table sharded by another region (a tied LM head) but looked up by an embedding that is
+    # not vocab-parallel would be indexed as if it were whole: keep those regions replicated.
+    looked_up = {c.column[0] for c in chosen if c.kind == "embedding" and id(c) not in demoted}
+    for node in analysis.of_role(Role.EMBEDDING):
+        fqn = analysis.param_of(node.args[0])
+        if node.name in looked_up or fqn not in params:
+            continue
+        for c in chosen:
+            touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column + c.row}
+            if fqn in touched:
+                demoted.add(id(c))
+                for f in touched:
+                    params.pop(f, None)
+                    reasons.pop(f, None)
+        notes.append(f"{fqn} is also an embedding table that cannot be vocab-parallel here; the regions sharding it stay replicated")
+    return params, notes, demoted
+
+
+def share_tied_placements(analysis: GraphAnalysis, param_plans: dict[str, ParamPlan]) -> None:
+    """All names of one tied tensor carry the placement of the name the graph actually reads."""
+    captured = analysis.captured
+    used = {fqn for ph, fqn in captured.param_fqns.items() if analysis.nodes[ph].users}
+    groups: dict[str, list[str]] = {}
+    for fqn, canon in captured.tied.items():
+        groups.setdefault(canon, [canon]).append(fqn)
+    for canon, names in groups.items():
+        source = next((n for n in names if n in used and n in param_plans), canon)
+        if source not in param_plans:
+            continue
+        for n in names:
+            if n != source or n not in param_plans:
+                param_plans[n] = ParamPlan(**{**asdict(param_plans[source]), "fqn": n})
+            param_plans[n].tied_to = captured.tied.get(n)
+
+
+def replicated_used_on_shards(analysis: GraphAnalysis, sim: Simulation) -> dict[str, str]:
+    """Replicated parameters that meet sharded activations: their gradients are partial sums."""
+    out = {}
+    for ph, fqn in analysis.captured.param_fqns.items():
+        spec = sim.specs.get(ph)
+        if not (isinstance(spec, DTensorSpec) and spec.placements[0].is_replicate()):
+            continue
+        for user in analysis.nodes[ph].users:
+            others = [sim.specs.get(a.name) for a in user.all_input_nodes if a.name != ph]
+            if any(isinstance(s, DTensorSpec) and not s.placements[0].is_replicate() for s in others):
+                out[fqn] = fqn.rsplit(".", 1)[0]
+                break
+    return out
+
+
+def replicated_reason(fqn: str, grad_reduce: dict, stream: str) -> str:
+    if fqn in grad_reduce:
+        where = "sequence shards" if stream == SP_STREAM else "sharded activations"
+        return f"replicated, applied to {where}: gradient summed over tp after backward"
+    return "replicated: not part of any shardable region"
+
+
+def region_name(analysis: GraphAnalysis, c: Candidate) -> str:
+    fqns = []
+    for n in c.column + c.row:
+        node = analysis.nodes[n]
+        fqn = analysis.param_of(node.args[0] if c.kind == "embedding" else node.args[1])
+        if c.kind == "embedding":  # a tied table is named after the embedding, not the LM head
+            fqn = analysis.captured.tied.get(fqn, fqn)
+        fqns.append(fqn.rsplit(".", 1)[0])
+    prefix = os.path.commonprefix([f.split(".") for f in fqns])
+    return ".".join(prefix) if prefix else fqns[0]
