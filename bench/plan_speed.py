@@ -50,10 +50,15 @@ def one(config: str) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from autoshard.configs import build_model, load_config
-    from autoshard.cost import get_profile
-    from autoshard.scale import plan_layers_once
-    from autoshard.scale.summary import render_summary
 
+    try:
+        from autoshard.cost import get_profile
+        from autoshard.scale import plan_layers_once
+        from autoshard.scale.summary import render_summary
+    except ImportError:  # a checkout from before the packages (--tree of an older commit)
+        from autoshard.cost_models import get_profile
+        from autoshard.planning import plan_layers_once
+        from autoshard.planning.summary import render_summary
     cfg = load_config(config)
     import transformers
 

@@ -13,7 +13,7 @@ def _labels(model, tp: int = 2):
     with fake_tp_mesh(tp) as mesh:
         run = plan_model(model, mesh, mlp_inputs(), memory_budget="none")
     lin = {n.name: run.analysis.param_of(n.args[1]) for n in run.analysis.linears()}
-    return run, [(c.kind, [lin[n] for n in c.column], [lin[n] for n in c.row], c.legal, c.reason) for c in run.labels.candidates]
+    return run, [(c.kind, [lin[n] for n in c.column_nodes], [lin[n] for n in c.row_nodes], c.legal, c.reason) for c in run.labels.candidates]
 
 
 def test_a_column_row_pair_is_one_legal_region():

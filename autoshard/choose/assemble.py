@@ -62,8 +62,8 @@ def _region_reps(labels: Labels, regions: list[Candidate]) -> list[Candidate]:
     ids = {id(c) for c in regions}
     reps, seen = [], set()
     for c in labels.candidates:
-        key = tuple(c.column)
-        if id(c) in ids or (not c.legal and not any(set(c.column) & set(x.column) for x in regions) and key not in seen):
+        key = tuple(c.column_nodes)
+        if id(c) in ids or (not c.legal and not any(set(c.column_nodes) & set(x.column_nodes) for x in regions) and key not in seen):
             reps.append(c)
             seen.add(key)
     return reps
@@ -103,13 +103,13 @@ def _region_plan(analysis, labels, c: Candidate, i, costs, sol, priced) -> Regio
                     options.append(_option_dict(o, other.layout, f"lost: needs the {STREAM_TEXT[other.layout]} stream, not chosen "
                                                 f"for the whole model (see the notes)", True, False))
     for o in labels.candidates:
-        if not o.legal and set(o.column) & set(c.column):
-            options.append({"strategy": "sharded", "legal": False, "reason": o.reason, "column": [fq(n, col_idx) for n in o.column]})
+        if not o.legal and set(o.column_nodes) & set(c.column_nodes):
+            options.append({"strategy": "sharded", "legal": False, "reason": o.reason, "column": [fq(n, col_idx) for n in o.column_nodes]})
     if i is None:
         options.append({"strategy": "replicated", "legal": True, "reason": "always legal: every rank computes the whole region", "column": []})
     return RegionPlan(
         name=region_name(analysis, c), kind=c.kind, strategy=strategy,
-        column=[fq(n, col_idx) for n in c.column], row=[fq(n, 1) for n in c.row], nodes=sorted(c.nodes),
+        column=[fq(n, col_idx) for n in c.column_nodes], row=[fq(n, 1) for n in c.row_nodes], nodes=sorted(c.nodes),
         reason=reason, loss_parallel=loss_parallel, candidates=options,
     )
 
@@ -127,4 +127,4 @@ def _dedupe(items: list[str]) -> list[str]:
 
 
 def _covered(c: Candidate, chosen: list[Candidate]) -> bool:
-    return any(set(c.column) <= set(x.column) for x in chosen)
+    return any(set(c.column_nodes) <= set(x.column_nodes) for x in chosen)

@@ -43,7 +43,7 @@ def _entry_node(analysis: GraphAnalysis, name: str, layout: str) -> str:
 
 
 def _exits(c: Candidate) -> list[str]:
-    return c.row if c.kind == "column_row" else c.column if c.kind == "embedding" else []
+    return c.row_nodes if c.kind == "column_row" else c.column_nodes if c.kind == "embedding" else []
 
 
 def entries(analysis, c: Candidate, layout: str) -> list[str]:
@@ -52,7 +52,7 @@ def entries(analysis, c: Candidate, layout: str) -> list[str]:
     if c.kind != "embedding":
         out += [_entry_node(analysis, x, layout) for x in c.inputs]
     if c.kind == "column_output":
-        out += c.column
+        out += c.column_nodes
     return out
 
 
@@ -65,7 +65,7 @@ def region_boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked:
                 for x in c.inputs:
                     out[_entry_node(analysis, x, layout)] = REPLICATE
             if opt.name in ("gather", "column_gather"):
-                for n in c.column:
+                for n in c.column_nodes:
                     out[n] = REPLICATE  # logits gathered before the (replicated) loss
             continue
         if not opt.sharded:
@@ -99,12 +99,12 @@ def boundary_plans(analysis: GraphAnalysis, sim: Simulation, regions: list[Candi
         name = region_name(analysis, c)
         for x in c.inputs:
             roles.setdefault(_entry_node(analysis, x, layout), f"enter {name}: column linears read the whole activation")
-        for e in c.row:
+        for e in c.row_nodes:
             roles[e] = f"leave {name}: reduce the row linear's partial sums"
         if c.kind == "embedding":
-            roles[c.column[0]] = "vocab-parallel lookup: sum the masked partial rows"
+            roles[c.column_nodes[0]] = "vocab-parallel lookup: sum the masked partial rows"
         if picked[id(c)].name in ("gather", "column_gather"):
-            for n in c.column:
+            for n in c.column_nodes:
                 roles[n] = "logits gathered before the loss"
     out = []
     for r in sim.redistributions:

@@ -22,7 +22,7 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
     reasons: dict[str, tuple[str, str | None]] = {}
     for c in chosen:
         name = region_name(analysis, c)
-        for n in c.column:
+        for n in c.column_nodes:
             node = analysis.nodes[n]
             if c.kind == "embedding":
                 _set(params, reasons, analysis.param_of(node.args[0]), Shard(0), "vocab-parallel table: rows (vocab) split over tp", name)
@@ -31,7 +31,7 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
             _set(params, reasons, analysis.param_of(node.args[1]), Shard(0), why, name)
             if len(node.args) > 2 and analysis.param_of(node.args[2]):
                 _set(params, reasons, analysis.param_of(node.args[2]), Shard(0), "bias of a column-parallel linear", name)
-        for n in c.row:
+        for n in c.row_nodes:
             node = analysis.nodes[n]
             _set(params, reasons, analysis.param_of(node.args[1]), Shard(1), "row-parallel: input features split, partial sums reduced after", name)
             if len(node.args) > 2 and analysis.param_of(node.args[2]):
@@ -63,7 +63,7 @@ def reconcile_ties(analysis, params, reasons, chosen) -> tuple[dict, list[str], 
         placements = {placement_str(params.get(n, REPLICATE)) for n in names if n in in_graph}
         if len(placements) > 1:
             for c in chosen:
-                touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column + c.row}
+                touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column_nodes + c.row_nodes}
                 if touched & set(names):
                     demoted.add(id(c))
                     for fqn in touched:
@@ -72,13 +72,13 @@ def reconcile_ties(analysis, params, reasons, chosen) -> tuple[dict, list[str], 
             notes.append(f"tied parameters {', '.join(names)} need one placement ({' vs '.join(sorted(placements))}); their regions stay replicated")
     # A table sharded by another region (a tied LM head) but looked up by an embedding that is
     # not vocab-parallel would be indexed as if it were whole: keep those regions replicated.
-    looked_up = {c.column[0] for c in chosen if c.kind == "embedding" and id(c) not in demoted}
+    looked_up = {c.column_nodes[0] for c in chosen if c.kind == "embedding" and id(c) not in demoted}
     for node in analysis.of_role(Role.EMBEDDING):
         fqn = analysis.param_of(node.args[0])
         if node.name in looked_up or fqn not in params:
             continue
         for c in chosen:
-            touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column + c.row}
+            touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column_nodes + c.row_nodes}
             if fqn in touched:
                 demoted.add(id(c))
                 for f in touched:
@@ -129,7 +129,7 @@ def replicated_reason(fqn: str, grad_reduce: dict, stream: str) -> str:
 
 def region_name(analysis: GraphAnalysis, c: Candidate) -> str:
     fqns = []
-    for n in c.column + c.row:
+    for n in c.column_nodes + c.row_nodes:
         node = analysis.nodes[n]
         fqn = analysis.param_of(node.args[0] if c.kind == "embedding" else node.args[1])
         if c.kind == "embedding":  # a tied table is named after the embedding, not the LM head

@@ -39,7 +39,7 @@ class Pricer:
         self.saved = saved_activations(analysis, profile.device_type)
         self.owner: dict[str, int] = {}
         for i, c in enumerate(regions):
-            for n in list(c.nodes) + c.column + c.row:
+            for n in list(c.nodes) + c.column_nodes + c.row_nodes:
                 self.owner[n] = i
         self.param_owner = {}
         for ph, fqn in analysis.captured.param_fqns.items():
@@ -97,7 +97,7 @@ class Pricer:
         return out
 
     def _sp_unavailable(self) -> str:
-        exits = [e for c in self.regions for e in (c.row if c.kind == "column_row" else c.column if c.kind == "embedding" else [])]
+        exits = [e for c in self.regions for e in (c.row_nodes if c.kind == "column_row" else c.column_nodes if c.kind == "embedding" else [])]
         if not exits:
             return "no region to leave on sequence shards"
         if all(seq_dim(self.analysis, e) is None for e in exits):

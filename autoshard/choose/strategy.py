@@ -43,7 +43,7 @@ def select_candidates(labels: Labels) -> list[Candidate]:
     taken: set[str] = set()
     chosen = []
     for c in labels.candidates:
-        names = set(c.column) | set(c.row)
+        names = set(c.column_nodes) | set(c.row_nodes)
         if c.legal and not names & taken:
             chosen.append(c)
             taken |= names

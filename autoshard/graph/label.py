@@ -34,9 +34,9 @@ class Candidate:
     """A region that may run sharded, and whether it can."""
 
     kind: str                          # "column_row" | "column_output" | "embedding"
-    column: list[str]                  # linear (or embedding) node names
+    column_nodes: list[str]            # linear (or embedding) node names
     inputs: list[str]                  # activations the column nodes read (must be replicated)
-    row: list[str] = field(default_factory=list)
+    row_nodes: list[str] = field(default_factory=list)  # row linear node names
     nodes: set[str] = field(default_factory=set)   # interior nodes running on shards
     outputs: list[str] = field(default_factory=list)  # interior nodes returned by the graph
     loss_nodes: list[str] = field(default_factory=list)
@@ -72,17 +72,17 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
             tried.reason = f"{tried.reason}; split per linear: {len(legal)} of {len(group)} legal alone"
             candidates.append(tried)
             candidates.extend(singles)
-            rows.update(r for c in legal for r in c.row)
+            rows.update(r for c in legal for r in c.row_nodes)
             continue
         candidates.append(tried)
         if tried.legal:
-            rows.update(tried.row)
+            rows.update(tried.row_nodes)
     candidates.extend(_embedding_candidate(analysis, simulator, n) for n in analysis.of_role(Role.EMBEDDING))
     return Labels(analysis, candidates)
 
 
 def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int], group: list[fx.Node]) -> Candidate:
-    cand = Candidate(kind="column_row", column=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
+    cand = Candidate(kind="column_row", column_nodes=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
     params = {}
     for lin in group:
         params[analysis.param_of(lin.args[1])] = Shard(0)
@@ -100,7 +100,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if role is Role.OUTPUT:
             cand.outputs.extend(n.name for n in node.all_input_nodes if n.name in region)
             continue
-        is_row = role is Role.LINEAR and name not in cand.column
+        is_row = role is Role.LINEAR and name not in cand.column_nodes
         if is_row:
             if node.args[0].name not in region:
                 return _illegal(cand, f"{name} reads a sharded value as its weight or bias")
@@ -117,7 +117,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if is_row:
             if not (isinstance(spec, DTensorSpec) and spec.placements[0].is_partial()):
                 return _illegal(cand, f"{name} does not reduce the sharded features")
-            cand.row.append(name)
+            cand.row_nodes.append(name)
             continue
         if role is Role.LOSS:
             cand.loss_nodes.append(name)
@@ -127,8 +127,8 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
             if user.name not in seen and analysis.roles[user.name] is not Role.ASSERT:
                 seen.add(user.name)
                 heapq.heappush(heap, (order[user.name], user.name))
-    cand.nodes = region - set(cand.row)
-    if not cand.row:
+    cand.nodes = region - set(cand.row_nodes)
+    if not cand.row_nodes:
         cand.kind = "column_output"
         if not cand.outputs and not cand.loss_nodes:
             return _illegal(cand, "the sharded features never reach a row linear, a loss or an output")
@@ -138,7 +138,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
 
 def _why(c: Candidate, _sim: Simulation) -> str:
     if c.kind == "column_row":
-        return f"{len(c.column)} column linear(s) reach {len(c.row)} row linear(s) through {len(c.nodes)} shard-local ops"
+        return f"{len(c.column_nodes)} column linear(s) reach {len(c.row_nodes)} row linear(s) through {len(c.nodes)} shard-local ops"
     ends = " and ".join(x for x in ("loss parallel" if c.loss_nodes else "", "graph output" if c.outputs else "") if x)
     return f"column linear feeding {ends} through {len(c.nodes)} shard-local ops"
 
@@ -150,7 +150,7 @@ def _illegal(c: Candidate, reason: str) -> Candidate:
 
 
 def _embedding_candidate(analysis: GraphAnalysis, sim: PlacementSimulator, node: fx.Node) -> Candidate:
-    cand = Candidate(kind="embedding", column=[node.name], inputs=[node.args[1].name])
+    cand = Candidate(kind="embedding", column_nodes=[node.name], inputs=[node.args[1].name])
     fqn = analysis.param_of(node.args[0])
     vocab, tp = int(node.args[0].meta["val"].shape[0]), sim.mesh.size()
     if chunk_block(vocab, tp) * (tp - 1) >= vocab:
