@@ -56,6 +56,17 @@ def test_family_tp2(ranks2, model_type, lower):
     assert rec["verdict"] == "exact", f"{model_type} tp2 lower={lower}: {_describe(rec)}"
 
 
+# tp 4 exposes what tp 2 cannot: one head per rank (a size-1 head dim whose stride torch ignores
+# but DTensor scales into the global strides), KV heads replicated next to split queries.
+FAST_TP4 = ["afmoe", "llama"]
+
+
+@pytest.mark.parametrize("model_type", FAST_TP4)
+def test_family_tp4(ranks4, model_type):
+    rec = _sweep(ranks4, model_type, False)
+    assert rec["verdict"] == "exact", f"{model_type} tp4: {_describe(rec)}"
+
+
 @pytest.fixture
 def sweep_timeout(monkeypatch):
     # one family that hangs a collective must not stall the pool for 300 s (tests.dist reads the

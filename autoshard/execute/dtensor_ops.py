@@ -17,7 +17,7 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
-from autoshard.ops.layout import dense_in_order, stride_order
+from autoshard.ops.layout import canonical_in_order, stride_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
 
@@ -163,8 +163,8 @@ class LocalAttention(RuntimeOp):
     def _local(self, q, k, v, attn_mask):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **self.sdpa_kwargs)
         # The graph after attention was captured for the output's layout (`layout`: dims outermost
-        # first); a dense result in it also keeps DTensor's global strides consistent with the local ones.
-        return dense_in_order(out, self.layout)
+        # first); a dense result in it, size-1 dims included, keeps DTensor's global strides in it too.
+        return canonical_in_order(out, self.layout)
 
     def extra_repr(self) -> str:
         return f"{self.placement}, {self.sdpa_kwargs}, layout={self.layout}"

@@ -31,3 +31,28 @@ def dense_in_order(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tens
     for i, d in enumerate(order):
         inverse[d] = i
     return outer_first.contiguous().permute(inverse)
+
+
+def dense_strides(shape, order: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a dense tensor of `shape` whose dims lie in memory in `order` (outermost first)."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= int(shape[d])
+    return tuple(strides)
+
+
+def canonical_in_order(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """`dense_in_order(t, order)` with size-1 dims given the strides a dense tensor has there too.
+
+    Torch ignores a size-1 dim's stride (SDPA returns `[B, 1, T, D]` with any stride on the head
+    dim), but DTensor rebuilds a sharded tensor's global strides from its local ones: on one head
+    per rank an arbitrary head stride turns a `[B, T, H, D]` layout into `[B, H, T, D]` globally,
+    and the captured `transpose` + `view` after attention fails. Eager DTensor path only: the
+    stride comparison would guard in a compiled graph."""
+    t = dense_in_order(t, order)
+    if order is None or len(order) != t.ndim:
+        return t
+    want = dense_strides(t.shape, order)
+    return t if tuple(t.stride()) == want else t.as_strided(t.shape, want)
