@@ -16,7 +16,7 @@ from collections import Counter
 from autoshard.scale.fast import PlanningResult
 from autoshard.scale.graph_facts import describe_model
 from autoshard.scale.memory import itemsize, local_numel, param_memory, unique_params
-from autoshard.schema.report import table
+from autoshard.schema.report import text_table
 from autoshard.schema.units import format_bytes as _bytes
 
 
@@ -69,10 +69,10 @@ def render_summary(result: PlanningResult, model, profile, *, batch: int, seq: i
     ]
     lines += ["", "Regions (per layer rows folded into layers.*)"]
     rows = [(r.name, r.kind, r.strategy + (" + loss parallel" if r.loss_parallel else ""), r.reason) for r in plan.regions]
-    lines += _indent(table(_folded_rows(rows, container), ["region", "kind", "strategy", "why", "count"]))
+    lines += _indent(text_table(_folded_rows(rows, container), ["region", "kind", "strategy", "why", "count"]))
     lines += ["", "Parameters"]
     rows = [(p.fqn, "x".join(map(str, p.shape)), p.placement, p.reason + (f" (tied to {p.tied_to})" if p.tied_to else "")) for p in plan.params.values()]
-    lines += _indent(table(_folded_rows(rows, container), ["parameter", "shape", "placement", "why", "count"]))
+    lines += _indent(text_table(_folded_rows(rows, container), ["parameter", "shape", "placement", "why", "count"]))
     lines += ["", "Replicated parameters and why"]
     lines += _indent(_replicated(plan, facts, container))
     lines += [""] + facts.lines(plan)
@@ -114,7 +114,7 @@ def _replicated(plan, facts, container) -> list[str]:
         return [f"none: every parameter is split over tp={tp}"]
     folded = Counter(fold_row(row, container) for row in rows)
     table = [[name, size if n == 1 else f"{size} each", f"x{n}", why] for (name, size, why), n in folded.items()]
-    return table(table, ["parameter", "bytes", "count", "why"])
+    return text_table(table, ["parameter", "bytes", "count", "why"])
 
 
 def _memory(plan, mem, profile, training: bool) -> list[str]:

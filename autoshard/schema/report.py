@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from autoshard.schema.plan import Plan
 
 
-def table(rows: list[list[str]], header: list[str]) -> list[str]:
+def text_table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*map(str, r)) for r in rows]
@@ -27,13 +27,13 @@ def render_report(plan: Plan) -> str:
         "Regions",
     ]
     rows = [[r.name, r.kind, r.strategy + (" + loss parallel" if r.loss_parallel else ""), r.reason] for r in plan.regions]
-    lines += ["  " + line for line in table(rows, ["region", "kind", "strategy", "why"])]
+    lines += ["  " + line for line in text_table(rows, ["region", "kind", "strategy", "why"])]
     lines += ["", "Parameters"]
     rows = [[p.fqn, "x".join(map(str, p.shape)), p.placement, p.reason + (f" (tied to {p.tied_to})" if p.tied_to else "")] for p in plan.params.values()]
-    lines += ["  " + line for line in table(rows, ["parameter", "shape", "placement", "why"])]
+    lines += ["  " + line for line in text_table(rows, ["parameter", "shape", "placement", "why"])]
     lines += ["", "Boundaries (one forward at the example shape; backward runs the paired collective)"]
     rows = [[b.node, f"{b.src} -> {b.dst}", b.collective or "local", _bytes(b.bytes), b.reason] for b in plan.boundaries]
-    lines += ["  " + line for line in table(rows, ["after node", "layout", "collective", "bytes", "why"])] if rows else ["  none"]
+    lines += ["  " + line for line in text_table(rows, ["after node", "layout", "collective", "bytes", "why"])] if rows else ["  none"]
     counts = plan.collective_counts()
     lines += ["", "Collectives per forward: " + (", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none")]
     if plan.estimate:
