@@ -19,11 +19,6 @@ from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_len
 
 
-def shard_size(n: int, tp: int, rank: int) -> int:
-    """Rows of an `n`-row dim that `rank` holds when split over `tp` ranks like torch.chunk."""
-    return chunk_len(n, tp, rank)
-
-
 def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:
     numel = math.prod(shape)
     p = parse_placement(placement)
@@ -32,7 +27,7 @@ def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:
     dim = p.dim % len(shape)
     if shape[dim] == 0:
         return 0
-    return numel // shape[dim] * shard_size(shape[dim], tp, rank)
+    return numel // shape[dim] * chunk_len(shape[dim], tp, rank)
 
 
 def itemsize(dtype: str) -> int:
