@@ -7,7 +7,8 @@ replicated where it must be) — never a crash, never a mismatch.
 - Phi-3: fused `qkv_proj` and `gate_up_proj`;
 - Qwen3-MoE: routed experts; on CPU transformers runs them through its own custom op
   (`grouped_mm_fallback`), which DTensor has no rule for, and picks a device-specific `histc`:
-  capture follows the mesh's device and such ops run whole on every rank.
+  capture follows the mesh's device; the experts split inside each expert on local shards
+  (`tests/test_experts.py` asserts the placements).
 """
 
 from __future__ import annotations

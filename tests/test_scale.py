@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from autoshard import api
 from autoshard.configs import build_model, list_configs, load_config
 from autoshard.cost import get_profile
+from autoshard.schema.placements import is_split
 from autoshard.schema.plan import parse_placement
 from autoshard.scale import plan_layers_once
 from autoshard.scale.memory import param_bytes_per_rank
@@ -71,8 +73,13 @@ def exact_rank0_bytes(model, plan) -> int:
     total = 0
     for fqn, p in model.named_parameters():  # tied parameters come once
         placement = parse_placement(plan.params[fqn].placement)
-        local = torch.chunk(p, tp, dim=placement.dim)[0] if placement.is_shard() else p
-        total += local.numel() * p.dtype.itemsize
+        if placement.is_shard():
+            local = torch.chunk(p, tp, dim=placement.dim)[0].numel()
+        elif isinstance(placement, _StridedShard):  # a fused weight: the first piece of each part
+            local = sum(torch.chunk(part, tp, dim=placement.dim)[0].numel() for part in p.chunk(placement.split_factor, placement.dim))
+        else:
+            local = p.numel()
+        total += local * p.dtype.itemsize
     return total
 
 
@@ -90,7 +97,7 @@ def test_param_bytes_per_rank_are_exact_and_replicated_ones_explained(name):
     text = summary(result, model)
     section = text.split("Replicated parameters and why")[1].split("\n\n")[0]
     container = result.stack.path if result.stack else None
-    replicated = [p for p in plan.params.values() if not p.placement.startswith("Shard") and not p.tied_to]
+    replicated = [p for p in plan.params.values() if not is_split(p.placement) and not p.tied_to]
     for p in replicated:
         row = next((line for line in section.splitlines() if line.split()[:1] == [fold(p.fqn, container)]), None)
         assert row is not None, f"{p.fqn} missing from the replicated section"
@@ -168,7 +175,7 @@ def test_qwen3_moe_kv_heads_experts_and_routing_reported(tp):
         assert k.placement == "Replicate()"
         assert "KV heads replicated: 4 KV heads cannot be split over tp=8" in text
     assert plan.params["model.layers.7.self_attn.q_proj.weight"].placement == "Shard(0)"
-    _assert_experts_replicated_and_said(plan, text)
+    _assert_experts_split_and_said(plan, text)
 
 
 @pytest.mark.parametrize("tp", [4, 8])
@@ -184,19 +191,20 @@ def test_two_kv_head_moe_replicates_kv_heads(tp):
     assert f"KV heads replicated: 2 KV heads cannot be split over tp={tp}" in text
     section = text.split("Replicated parameters and why")[1].split("\n\n")[0]
     assert f"its output splits into 2 heads (or groups), which do not divide evenly over tp={tp}" in section
-    _assert_experts_replicated_and_said(plan, text)
+    _assert_experts_split_and_said(plan, text)
 
 
 def test_mixtral_experts_reported():
     model = meta_model("mixtral-8x7b", num_hidden_layers=8)
     result = plan_fast(model, 8)
-    _assert_experts_replicated_and_said(result.plan, summary(result, model))
+    _assert_experts_split_and_said(result.plan, summary(result, model))
 
 
-def _assert_experts_replicated_and_said(plan, text):
+def _assert_experts_split_and_said(plan, text):
+    """Expert tensor parallel: gate|up split part by part on the intermediate dim, down on it too."""
     experts = [p for f, p in plan.params.items() if ".experts." in f]
-    assert experts and all(p.placement == "Replicate()" for p in experts)
-    assert "; experts replicated" in text
+    assert experts and all(p.placement == ("_StridedShard(1, sf=2)" if p.fqn.endswith("gate_up_proj") else "Shard(2)") for p in experts)
+    assert "; experts sharded (tensor parallel inside each expert)" in text
     assert "routing is computed identically on every rank (router replicated)" in text
     router = [p for f, p in plan.params.items() if f.endswith("mlp.gate.weight")]
     assert router and all(p.placement == "Replicate()" for p in router)
@@ -211,3 +219,13 @@ def test_verify_plans_one_layer_more_and_agrees(name):
         result = plan_layers_once(model, mesh, inputs(16), hardware="h100", verify=True)
     assert result.fallback == "" and result.captured_layers == 4
     assert result.plan.estimate["scaled"]["n_layers"] == 7
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_moe_parameters_per_rank_near_an_even_split(name):
+    """Expert tensor parallel: at tp 8 a rank holds at most 1.15x of 1/8 of the parameters
+    (experts replicated, Mixtral's rank held 7.8x)."""
+    model = meta_model(name)
+    plan = plan_fast(model, 8).plan
+    total = sum(p.numel() * p.dtype.itemsize for p in model.parameters())
+    assert max(param_bytes_per_rank(plan)) <= 1.15 * total / 8

@@ -9,7 +9,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.choose.boundaries import boundary_plans, vocab_sharded
 from autoshard.choose.budget import fmt_bytes
-from autoshard.choose.params import region_name, replicated_reason, replicated_used_on_shards, share_tied_placements
+from autoshard.choose.params import illegal_reasons, region_name, replicated_reason, replicated_used_on_shards, share_tied_placements
 from autoshard.cost.strategies import Option
 from autoshard.graph.analyse import Role
 from autoshard.graph.label import Candidate, Labels
@@ -22,6 +22,7 @@ def assemble(analysis, labels, regions, picked, params, reasons, notes, stream, 
     captured = analysis.captured
     param_plans: dict[str, ParamPlan] = {}
     grad_reduce = replicated_used_on_shards(analysis, sim)
+    illegal = illegal_reasons(analysis, labels)
     for ph, fqn in captured.param_fqns.items():
         val = analysis.nodes[ph].meta["val"]
         placement = params.get(fqn, REPLICATE)
@@ -31,7 +32,7 @@ def assemble(analysis, labels, regions, picked, params, reasons, notes, stream, 
             region = reasons[fqn][1]
             why = f"replicated: region {region} runs replicated (the cost model's choice; explain('{region}'))"
         else:
-            why, region = replicated_reason(fqn, grad_reduce, stream), grad_reduce.get(fqn)
+            why, region = replicated_reason(fqn, grad_reduce, stream, illegal.get(fqn)), grad_reduce.get(fqn)
         param_plans[fqn] = ParamPlan(
             fqn=fqn, placement=placement_str(placement), shape=[int(s) for s in val.shape], dtype=str(val.dtype).replace("torch.", ""),
             region=region, reason=why, grad_reduce=fqn in grad_reduce, tied_to=captured.tied.get(fqn),

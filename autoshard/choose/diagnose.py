@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from autoshard.schema.placements import is_split
 from autoshard.schema.plan import Plan, RegionPlan
 
 # DTensor's view rule, e.g. "Cannot unflatten unevenly sharded tensor: output dimension 0 (size 14)
@@ -138,7 +139,7 @@ def _serves_sharded_sibling(plan: Plan, region: RegionPlan) -> bool:
     own = set(region.column)
     for cand in region.candidates:
         siblings = set(cand.get("column", [])) - own
-        if siblings and any(plan.params.get(f) is not None and plan.params[f].placement.startswith("Shard") for f in siblings):
+        if siblings and any(plan.params.get(f) is not None and is_split(plan.params[f].placement) for f in siblings):
             return True
     return False
 

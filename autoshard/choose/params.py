@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import GraphAnalysis, Role
 from autoshard.graph.label import Candidate
@@ -27,15 +27,25 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
             if c.kind == "embedding":
                 _set(params, reasons, analysis.param_of(node.args[0]), Shard(0), "vocab-parallel table: rows (vocab) split over tp", name)
                 continue
+            fqn, bias = analysis.weight(node).fqn, analysis.bias_of(node)
+            placement = c.placements[fqn]
             why = "column-parallel LM head, logits vocab-sharded" if c.kind == "column_output" else "column-parallel: output features split over tp"
-            _set(params, reasons, analysis.param_of(node.args[1]), Shard(0), why, name)
-            if len(node.args) > 2 and analysis.param_of(node.args[2]):
-                _set(params, reasons, analysis.param_of(node.args[2]), Shard(0), "bias of a column-parallel linear", name)
+            if isinstance(placement, _StridedShard):
+                why += f" in each of its {placement.split_factor} fused parts (the output is chunked in {placement.split_factor})"
+            if analysis.weight(node).out_dim != 0:
+                why += f"; dim {analysis.weight(node).out_dim} of the per-expert weights [experts, ...]"
+            _set(params, reasons, fqn, placement, why, name)
+            if bias:
+                _set(params, reasons, bias, c.placements[bias], "bias of a column-parallel linear", name)
         for n in c.row_nodes:
             node = analysis.nodes[n]
-            _set(params, reasons, analysis.param_of(node.args[1]), Shard(1), "row-parallel: input features split, partial sums reduced after", name)
-            if len(node.args) > 2 and analysis.param_of(node.args[2]):
-                _set(params, reasons, analysis.param_of(node.args[2]), REPLICATE, "bias of a row-parallel linear, added once after the reduction", name)
+            fqn, bias = analysis.weight(node).fqn, analysis.bias_of(node)
+            why = "row-parallel: input features split, partial sums reduced after"
+            if analysis.weight(node).in_dim != 1:
+                why += f"; dim {analysis.weight(node).in_dim} of the per-expert weights [experts, ...]"
+            _set(params, reasons, fqn, c.placements[fqn], why, name)
+            if bias:
+                _set(params, reasons, bias, REPLICATE, "bias of a row-parallel linear, added once after the reduction", name)
     return params, reasons, []
 
 
@@ -120,18 +130,35 @@ def replicated_used_on_shards(analysis: GraphAnalysis, sim: Simulation) -> dict[
     return out
 
 
-def replicated_reason(fqn: str, grad_reduce: dict, stream: str) -> str:
+def replicated_reason(fqn: str, grad_reduce: dict, stream: str, illegal: str | None = None) -> str:
     if fqn in grad_reduce:
         where = "sequence shards" if stream == SP_STREAM else "sharded activations"
         return f"replicated, applied to {where}: gradient summed over tp after backward"
+    if illegal:  # the label pass tried to split it and found what stops it
+        return f"replicated: cannot be split: {illegal}"
     return "replicated: not part of any shardable region"
+
+
+def illegal_reasons(analysis: GraphAnalysis, labels) -> dict[str, str]:
+    """For each parameter of an illegal candidate only: why it cannot split (the narrowest try's)."""
+    out: dict[str, tuple[int, str]] = {}
+    legal = {analysis.param_of(analysis.nodes[n].args[0]) if c.kind == "embedding" else analysis.weight(analysis.nodes[n]).fqn
+             for c in labels.legal() for n in c.column_nodes + c.row_nodes}
+    for c in labels.candidates:
+        if c.legal or c.kind == "embedding":
+            continue
+        for n in c.column_nodes:
+            fqn = analysis.weight(analysis.nodes[n]).fqn
+            if fqn not in legal and (fqn not in out or len(c.column_nodes) < out[fqn][0]):
+                out[fqn] = (len(c.column_nodes), c.reason)
+    return {f: why for f, (_, why) in out.items()}
 
 
 def region_name(analysis: GraphAnalysis, c: Candidate) -> str:
     fqns = []
     for n in c.column_nodes + c.row_nodes:
         node = analysis.nodes[n]
-        fqn = analysis.param_of(node.args[0] if c.kind == "embedding" else node.args[1])
+        fqn = analysis.param_of(node.args[0]) if c.kind == "embedding" else analysis.weight(node).fqn
         if c.kind == "embedding":  # a tied table is named after the embedding, not the LM head
             fqn = analysis.captured.tied.get(fqn, fqn)
         fqns.append(fqn.rsplit(".", 1)[0])

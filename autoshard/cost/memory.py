@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from autoshard.cost.activation import SavedActivations
 from autoshard.graph.analyse import GraphAnalysis
@@ -51,10 +52,11 @@ def local_fraction(spec, shape: tuple[int, ...] | None = None) -> float:
     frac = 1.0
     n = spec.mesh.size()
     for p in spec.placements:
-        if p.is_shard() and shape:
+        if (p.is_shard() or isinstance(p, _StridedShard)) and shape:
             size = shape[p.dim % len(shape)]
+            parts = getattr(p, "split_factor", 1)  # a fused value: each part split like torch.chunk
             if size:
-                frac *= chunk_block(size, n) / size
+                frac *= parts * chunk_block(size // parts, n) / size
     return frac
 
 
@@ -94,14 +96,14 @@ def _read_as(analysis: GraphAnalysis, ph: str, fqn: str) -> str:
 
 def boundary_sources(sim) -> dict[str, DTensorSpec]:
     """Each planned boundary node's spec *before* its redistribution (what the node itself made)."""
-    from autoshard.schema.plan import parse_placement
+    from autoshard.schema.placements import parse_placements
 
     before = {}
     for r in sim.redistributions:
         if r.planned and r.source == r.consumer and r.consumer in sim.specs:
             after = sim.specs[r.consumer]
             if isinstance(after, DTensorSpec):
-                before[r.source] = DTensorSpec(after.mesh, tuple(parse_placement(p) for p in r.src.split(",")), after.tensor_meta)
+                before[r.source] = DTensorSpec(after.mesh, parse_placements(r.src), after.tensor_meta)
     return before
 
 

@@ -17,6 +17,7 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
+from autoshard.graph.grouped import grouped_mm_placement
 from autoshard.ops.layout import canonical_in_order, stride_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
@@ -194,6 +195,48 @@ class LocalMatmul(RuntimeOp):
 
     def extra_repr(self) -> str:
         return str(self.placement)
+
+
+class LocalGroupedMM(RuntimeOp):
+    """A grouped (expert) matmul `x [S, K] @ w [E, K, N]` on local shards, as the plan simulated
+    (`simulate.grouped_mm_placement`): column (w split on N, in w's own layout, fused parts
+    included) or row (x and w split on K: partial sums); anything else whole. Each rank's rows
+    are routed as on every other rank (the router ran on whole tokens), so the local product is
+    that rank's slice of every expert's output."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x, w, offs, *rest):
+        if not (isinstance(x, DTensor) or isinstance(w, DTensor)):
+            return self.target(x, w, offs, *rest)
+        mesh = (w if isinstance(w, DTensor) else x).device_mesh
+        have = [a.placements[0] if isinstance(a, DTensor) else Replicate() for a in (x, w)]
+        out = grouped_mm_placement(*have)
+        if out is None:
+            have, out = [Replicate(), Replicate()], Replicate()
+        ins = ((have[0],), (have[1],), (Replicate(),) if isinstance(offs, DTensor) else None)
+        grads = ((Partial(),) if have[0].is_replicate() and not have[1].is_replicate() else (have[0],), (have[1],), ins[2])
+        fn = local_map(lambda a, b, o: self.target(a, b, o, *rest), out_placements=((out,),), in_placements=ins,
+                       in_grad_placements=grads, device_mesh=mesh, redistribute_inputs=True)
+        return fn(x, w, offs)
+
+    def extra_repr(self) -> str:
+        return str(self.target)
+
+
+class LocalChunk(RuntimeOp):
+    """`chunk(x, k, dim)` of a fused output laid out `_StridedShard(dim, sf=k)`: each rank's slice
+    holds its share of every part in order, so its local chunks are the parts' `Shard(dim)`."""
+
+    def forward(self, x, chunks, dim=0):
+        d = dim % x.ndim
+        shape = list(x.shape)
+        shape[d] //= chunks
+        parts = x.to_local(grad_placements=x.placements).chunk(chunks, d)
+        return tuple(DTensor.from_local(part, x.device_mesh, (Shard(d),), run_check=False, shape=torch.Size(shape),
+                                        stride=make_contiguous_strides_for(shape)) for part in parts)
 
 
 def _grads_of(ins: tuple, out: Placement) -> tuple:

@@ -33,7 +33,7 @@ from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.execute import dtensor_ops as runtime
 from autoshard.execute import local_ops as rt
@@ -44,6 +44,8 @@ from autoshard.schema.errors import PlanError
 from autoshard.graph.capture import Captured
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_start
+from autoshard.graph.analyse import embedding_args
+from autoshard.graph.grouped import grouped_mm_placement
 from autoshard.graph.simulate import Simulation
 
 aten = torch.ops.aten
@@ -52,16 +54,6 @@ SHAPE_ARG_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defa
 EXPAND_OPS = {aten.expand.default, aten.expand_copy.default}
 SIZE_FACTORIES = {aten.new_empty.default, aten.new_full.default, aten.new_ones.default, aten.new_zeros.default,
                   aten.new_empty_strided.default}
-
-
-def _embedding_args(node: fx.Node) -> tuple:
-    """`aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)`,
-    every argument named or not."""
-    names = ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse")
-    values = dict(zip(names, (None, None, -1, False, False)))
-    values.update(zip(names, node.args))
-    values.update(node.kwargs)
-    return tuple(values[n] for n in names)
 
 
 class LoweringError(PlanError):
@@ -153,6 +145,10 @@ class _Lowering:
             return None
         if isinstance(mod, (runtime.LocalAttention, runtime.LocalMatmul)):
             return self._norm(mod.placement, node.args[0]) if src is not None else None
+        if isinstance(mod, runtime.LocalGroupedMM):  # a gather a whole one would need is an unplanned move: rejected
+            return grouped_mm_placement(*(self.placement.get(a) or REPLICATE for a in node.args[:2])) or REPLICATE
+        if isinstance(mod, runtime.LocalChunk):
+            return tuple(Shard(self.placement[node.args[0]].dim) for _ in node.meta["val"])
         if isinstance(mod, runtime.VocabParallelLoss):
             return REPLICATE
         if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results
@@ -164,6 +160,8 @@ class _Lowering:
 
     @staticmethod
     def _norm(p: Placement, node: fx.Node, index: int | None = None) -> Placement:
+        if isinstance(p, _StridedShard):
+            return p
         if not p.is_shard():
             return REPLICATE if p.is_replicate() else PARTIAL
         val = node.meta.get("val")
@@ -325,8 +323,10 @@ class _Lowering:
             self._replace(node, rt.attention, (q, k, v, mask, mod.layout), mod.sdpa_kwargs)
         elif isinstance(mod, runtime.LocalMatmul):
             self._replace(node, torch.matmul, node.args[:2])
-        elif isinstance(mod, runtime.ReplicatedLocal):
+        elif isinstance(mod, (runtime.ReplicatedLocal, runtime.LocalGroupedMM)):
             self._replace(node, mod.target, node.args, dict(node.kwargs))
+        elif isinstance(mod, runtime.LocalChunk):
+            self._replace(node, aten.chunk.default, node.args, dict(node.kwargs))
         elif isinstance(mod, runtime.VocabParallelLoss):
             self._rewrite_loss(node, mod)
 
@@ -352,7 +352,7 @@ class _Lowering:
             enabled, fn, *args = node.args
             self._replace(node, rt.run_with_grad_enabled, (enabled, fn, *args))
         elif t is aten.embedding.default and self.placement.get(node.args[0]) == Shard(0):
-            weight, ids, padding_idx, scale_grad_by_freq, sparse = _embedding_args(node)
+            weight, ids, padding_idx, scale_grad_by_freq, sparse = embedding_args(node)
             if sparse or scale_grad_by_freq:
                 # the ids outside this rank's rows are parked on row 0: its frequency count would be wrong
                 raise LoweringError(f"{node.name}: a vocab-parallel embedding with sparse=True or scale_grad_by_freq=True is not lowered")
@@ -362,11 +362,13 @@ class _Lowering:
         elif t in (aten.sym_size.int,):
             x, d = node.args
             p = self.placement.get(x)
-            if isinstance(p, Shard) and d % self._val(x).ndim == p.dim:
+            if isinstance(p, (Shard, _StridedShard)) and d % self._val(x).ndim == p.dim:
                 self._drop(node, self._global_size(x, p.dim))
         elif t in (aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default):
             if isinstance(self.placement.get(node.args[0]), Shard):
                 raise LoweringError(f"{node.name}: {t} of a sharded tensor")
+        elif isinstance(out, _StridedShard) and t in SHAPE_ARG_OPS | EXPAND_OPS | SIZE_FACTORIES:
+            raise LoweringError(f"{node.name}: {t} of a fused value laid out {out}")
         elif isinstance(out, Shard) and t in SHAPE_ARG_OPS:
             node.args = (node.args[0], self._local_view_shape(node, list(node.args[1]), out.dim), *node.args[2:])
         elif isinstance(out, Shard) and t in EXPAND_OPS:

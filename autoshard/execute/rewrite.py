@@ -24,12 +24,14 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.schema.errors import PlanError
 from autoshard.ops.layout import stride_order
-from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS
+from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, grouped_mm_ops
 from autoshard.graph.capture import Captured, retarget_devices
+from autoshard.graph.grouped import fused_chunk
 from autoshard.graph.simulate import Simulation
 from autoshard.graph.simplify import view_root
 from autoshard.schema.plan import Plan, parse_placement
-from autoshard.execute.dtensor_ops import ConsistentGrad, LocalAttention, LocalMatmul, Redistribute, ReplicatedLocal, ToFull, ToReplicate, VocabParallelLoss
+from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalMatmul, Redistribute, ReplicatedLocal,
+                                           ToFull, ToReplicate, VocabParallelLoss)
 
 aten = torch.ops.aten
 # ops whose backward views the gradient of their output: DTensor checks such a view on global
@@ -56,6 +58,7 @@ def rewrite_graph(captured: Captured, plan: Plan, sim: Simulation, mesh: DeviceM
     _local_attention(g, plan)
     _whole_ops(g, plan, sim)
     _local_matmuls(g, sim)
+    _local_experts(g, sim)
     _vocab_parallel_loss(g, plan)
     _gather_outputs(g, plan, sim)
     _guard_gradient_layouts(g, sim)
@@ -177,6 +180,25 @@ def _local_matmuls(g: _Editing, sim: Simulation) -> None:
                     new = g.graph.call_module(g.add(LocalMatmul(spec.placements[0]), "matmul"), tuple(node.args[:2]))
                 node.replace_all_uses_with(new)
                 g.graph.erase_node(node)
+
+
+def _local_experts(g: _Editing, sim: Simulation) -> None:
+    """Grouped expert matmuls on DTensors, and chunks of fused outputs, run on local shards."""
+    grouped = grouped_mm_ops()
+    for node in list(g.graph.nodes):
+        if node.op != "call_function" or not isinstance(sim.specs.get(node.name), (DTensorSpec, tuple)):
+            continue
+        if node.target in grouped:
+            mod, prefix = LocalGroupedMM(node.target), "grouped_mm"
+        elif node.target is aten.chunk.default and fused_chunk(node, sim.specs.get(node.args[0].name)):
+            mod, prefix = LocalChunk(), "fused_chunk"
+        else:
+            continue
+        with g.graph.inserting_before(node):
+            new = g.graph.call_module(g.add(mod, prefix), tuple(node.args), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.graph.erase_node(node)
 
 
 def _vocab_parallel_loss(g: _Editing, plan: Plan) -> None:

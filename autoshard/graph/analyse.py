@@ -25,7 +25,7 @@ class Role(str, Enum):
     PARAM = "param"
     BUFFER = "buffer"
     INPUT = "input"
-    LINEAR = "linear"            # aten.linear with a parameter weight
+    LINEAR = "linear"            # aten.linear with a parameter weight, or a grouped (expert) matmul
     EMBEDDING = "embedding"      # aten.embedding with a parameter table
     NORM = "norm"                # the rsqrt/mean of an inlined RMSNorm, or a fused norm op
     ATTENTION = "attention"
@@ -44,6 +44,28 @@ NORM_OPS = {aten.rms_norm.default, aten.layer_norm.default, aten.native_layer_no
 ASSERT_OPS = {aten._assert_tensor_metadata.default}
 
 
+def grouped_mm_ops() -> set:
+    """Grouped matmuls `(x [S, K], w [E, K, N], offs [E]) -> [S, N]`: rows of x sorted by expert,
+    expert e's rows multiplied by w[e]. `aten._grouped_mm` where a kernel exists (bf16 on CUDA),
+    transformers' custom-op fallback elsewhere (registered once transformers' MoE code is imported)."""
+    ops = {aten._grouped_mm.default}
+    ns = getattr(torch.ops, "transformers", None)
+    fallback = getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
+    if fallback is not None:
+        ops.add(fallback.default)
+    return ops
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """How a LINEAR node uses its parameter: which parameter dim holds the output features
+    (split for a column linear) and which the input features (split for a row linear)."""
+
+    fqn: str
+    out_dim: int
+    in_dim: int
+
+
 @dataclass
 class GraphAnalysis:
     captured: Captured
@@ -56,6 +78,29 @@ class GraphAnalysis:
         """FQN of the parameter a node *is* (a placeholder for a parameter), else None."""
         if isinstance(node, fx.Node) and node.op == "placeholder":
             return self.captured.param_fqns.get(node.name)
+        return None
+
+    def weight(self, node: fx.Node) -> WeightUse:
+        """The parameter a LINEAR node multiplies by, and its feature dims."""
+        if node.target is aten.linear.default:
+            return WeightUse(self.param_of(node.args[1]), 0, 1)
+        w, perm = _through_transposes(node.args[1])
+        # the grouped operand is [E, K, N]: N (dim 2) the output features, K (dim 1) the input's
+        return WeightUse(self.param_of(w), perm[2], perm[1])
+
+    def weight_views(self, node: fx.Node) -> list[fx.Node]:
+        """The transposes between a LINEAR node's parameter and its weight operand, first first."""
+        if node.target is aten.linear.default:
+            return []
+        chain, w = [], node.args[1]
+        while isinstance(w, fx.Node) and w.op == "call_function":
+            chain.append(w)
+            w = w.args[0]
+        return chain[::-1]
+
+    def bias_of(self, node: fx.Node) -> str | None:
+        if node.target is aten.linear.default and len(node.args) > 2:
+            return self.param_of(node.args[2])
         return None
 
     def linears(self) -> list[fx.Node]:
@@ -80,6 +125,8 @@ def _classify(node: fx.Node, captured: Captured) -> Role:
     is_param = lambda a: isinstance(a, fx.Node) and a.op == "placeholder" and a.name in captured.param_fqns  # noqa: E731
     if target is aten.linear.default and is_param(node.args[1]):
         return Role.LINEAR
+    if target in grouped_mm_ops() and len(node.args) > 2 and is_param(_through_transposes(node.args[1])[0]):
+        return Role.LINEAR
     if target is aten.embedding.default and is_param(node.args[0]):
         return Role.EMBEDDING
     if target in ATTENTION_OPS:
@@ -101,6 +148,37 @@ def _classify(node: fx.Node, captured: Captured) -> Role:
         if target.overloadpacket in _REDUCTION_PACKETS:
             return Role.REDUCTION
     return Role.OTHER
+
+
+def embedding_args(node: fx.Node) -> tuple:
+    """`aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)`,
+    every argument named or not."""
+    names = ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse")
+    values = dict(zip(names, (None, None, -1, False, False)))
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    return tuple(values[n] for n in names)
+
+
+def _through_transposes(node) -> tuple:
+    """The tensor `node` transposes (through `transpose`/`t`/`permute`), and for each dim of
+    `node` the dim of that tensor it is."""
+    perm = None
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in (aten.transpose.int, aten.permute.default, aten.t.default):
+        ndim = node.meta["val"].ndim
+        here = list(range(ndim))
+        if node.target is aten.permute.default:
+            here = [d % ndim for d in node.args[1]]
+        elif node.target is aten.transpose.int:
+            a, b = node.args[1] % ndim, node.args[2] % ndim
+            here[a], here[b] = here[b], here[a]
+        else:
+            here = here[::-1]
+        perm = here if perm is None else [here[d] for d in perm]
+        node = node.args[0]
+    if perm is None:
+        perm = list(range(node.meta["val"].ndim)) if isinstance(node, fx.Node) and hasattr(node.meta.get("val"), "ndim") else [0, 1, 2]
+    return node, perm
 
 
 _VIEW_PACKETS = {

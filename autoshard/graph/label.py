@@ -18,9 +18,11 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import GraphAnalysis, Role
 from autoshard.graph.simulate import PlacementSimulator, Simulation
@@ -42,6 +44,7 @@ class Candidate:
     loss_nodes: list[str] = field(default_factory=list)
     legal: bool = True
     reason: str = ""
+    placements: dict[str, Placement] = field(default_factory=dict)  # parameter FQN -> placement in the region
 
 
 @dataclass
@@ -85,9 +88,12 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
     cand = Candidate(kind="column_row", column_nodes=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
     params = {}
     for lin in group:
-        params[analysis.param_of(lin.args[1])] = Shard(0)
-        if len(lin.args) > 2 and analysis.param_of(lin.args[2]):
-            params[analysis.param_of(lin.args[2])] = Shard(0)
+        # fused parts are split part by part for expert weights only: a dense linear's strided
+        # output meets DTensor's views, which do not keep the layout (it stays whole instead)
+        w, packed = analysis.weight(lin), (packed_factor(lin) if lin.target is not torch.ops.aten.linear.default else 1)
+        params[w.fqn] = _column(w.out_dim, packed)
+        if analysis.bias_of(lin):
+            params[analysis.bias_of(lin)] = _column(0, packed)
     region: set[str] = set()
     heap = [(order[n.name], n.name) for n in group]
     heapq.heapify(heap)
@@ -104,8 +110,12 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if is_row:
             if node.args[0].name not in region:
                 return _illegal(cand, f"{name} reads a sharded value as its weight or bias")
-            params[analysis.param_of(node.args[1])] = Shard(1)
+            params[analysis.weight(node).fqn] = Shard(analysis.weight(node).in_dim)
         region.add(name)
+        if role is Role.LINEAR:  # its weight's transposes run on the weight's shards too
+            for view in analysis.weight_views(node):
+                region.add(view.name)
+                sim.step(result, view, params, nodes=region)
         before = len(result.redistributions)
         spec = sim.step(result, node, params, nodes=region)
         if result.unsupported.get(name):
@@ -128,12 +138,38 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
                 seen.add(user.name)
                 heapq.heappush(heap, (order[user.name], user.name))
     cand.nodes = region - set(cand.row_nodes)
+    cand.placements = dict(params)
     if not cand.row_nodes:
         cand.kind = "column_output"
         if not cand.outputs and not cand.loss_nodes:
             return _illegal(cand, "the sharded features never reach a row linear, a loss or an output")
     cand.reason = _why(cand, result)
     return cand
+
+
+def _column(dim: int, packed: int) -> Placement:
+    """A column weight's placement: its output features split, each of `packed` equal parts
+    (gate | up, fused in one weight) split on its own so every rank holds a slice of each."""
+    return _StridedShard(dim, split_factor=packed) if packed > 1 else Shard(dim)
+
+
+_SAME_VALUE_OPS = {"aten.to.dtype", "aten._to_copy.default", "aten.clone.default", "aten.contiguous.default"}
+
+
+def packed_factor(linear: fx.Node) -> int:
+    """k when the linear's output is only ever cut into k equal chunks on the feature dim (a fused
+    gate|up or q|k|v projection read part by part), else 1."""
+    node = linear
+    while len(node.users) == 1 and str(next(iter(node.users)).target) in _SAME_VALUE_OPS:
+        node = next(iter(node.users))
+    ndim = node.meta["val"].ndim
+    users = [u for u in node.users if str(u.target) != "aten._assert_tensor_metadata.default"]
+    if len(users) == 1 and users[0].target is torch.ops.aten.chunk.default:
+        chunks, dim = users[0].args[1], (users[0].args[2] if len(users[0].args) > 2 else 0)
+        width = node.meta["val"].shape[-1]
+        if dim % ndim == ndim - 1 and chunks > 1 and isinstance(width, int) and width % chunks == 0:
+            return chunks
+    return 1
 
 
 def _why(c: Candidate, _sim: Simulation) -> str:
@@ -164,5 +200,6 @@ def _embedding_candidate(analysis: GraphAnalysis, sim: PlacementSimulator, node:
     if not (isinstance(spec, DTensorSpec) and spec.placements[0].is_partial()):
         return _illegal(cand, "the lookup on a vocab-sharded table does not give a masked partial sum")
     cand.nodes = {node.name}
+    cand.placements = {fqn: Shard(0)}
     cand.reason = "vocab-parallel table: each rank looks up its vocab range, out-of-range ids masked"
     return cand

@@ -13,6 +13,10 @@ Three ops are decided here rather than by the propagator, each for a stated reas
 - attention runs as a `local_map` region in the rewritten module (CPU SDPA has no DTensor
   strategy); the rule here mirrors that region: q/k/v sharded alike on batch or heads.
 - `cross_entropy_loss` on vocab-sharded logits runs as autoshard's vocab-parallel loss.
+- grouped (expert) matmuls run on local shards (runtime: `LocalGroupedMM`): DTensor has no rule
+  for transformers' fallback op, and none for a fused weight's strided layout.
+- `chunk` of a fused output (`_StridedShard(d, sf=k)` cut in k on d) gives k `Shard(d)` parts
+  (runtime: `LocalChunk`): each rank's slice holds its share of every part, in order.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._op_schema import OpSchema, RuntimeSchemaInfo
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role
+from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, grouped_mm_ops
+from autoshard.graph.grouped import fused_chunk, grouped_mm_spec
 from autoshard.schema.plan import Plan
 
 aten = torch.ops.aten
@@ -107,6 +112,7 @@ class PlacementSimulator:
         self.analysis = analysis
         self.mesh = mesh
         self.prop = DTensor._op_dispatcher.sharding_propagator
+        self.grouped = grouped_mm_ops()
 
     # ---- public -------------------------------------------------------------------------------
     def run(
@@ -173,6 +179,11 @@ class PlacementSimulator:
             sim.mixed.add(node.name)
         if node.target is aten.linear.default:
             return self._linear(node, sim, operands)
+        if node.target in self.grouped:
+            return grouped_mm_spec(self, node, sim, operands)
+        if node.target is aten.chunk.default and fused_chunk(node, operands.get(node.args[0].name)):
+            dim = operands[node.args[0].name].placements[0].dim
+            return tuple(self._spec(v, Shard(dim)) for v in node.meta["val"])
         if node.target in ATTENTION_OPS:
             return self._attention(node, sim, operands)
         if node.target is aten.matmul.default and self._batch_sharded_matmul(node, operands):
@@ -243,7 +254,7 @@ class PlacementSimulator:
     def _record_input_moves(self, node, sim, have, want, sources=None):
         flat_have = _flatten(have)
         flat_want = _flatten(want)
-        names = sources or _flatten_names(node.args)
+        names = sources or flatten_names(node.args)
         for i, (h, w) in enumerate(zip(flat_have, flat_want)):
             if isinstance(h, DTensorSpec) and isinstance(w, DTensorSpec) and h.placements != w.placements:
                 src_name = names[i] if i < len(names) and names[i] else node.name
@@ -292,7 +303,7 @@ class PlacementSimulator:
     def _attention(self, node, sim, operands):
         """q, k, v sharded alike on batch (0) or heads (1), else replicated; the mask follows."""
         args, _ = self._args(node, operands)
-        names = _flatten_names(node.args)
+        names = flatten_names(node.args)
         q = args[0]
         target = q.placements[0]
         if not (target.is_shard() and target.dim in (0, 1)):
@@ -324,7 +335,7 @@ class PlacementSimulator:
         nd = len(args[0].tensor_meta.shape)
         target = next(p for p in (args[0].placements[0], args[1].placements[0]) if p.is_shard() and p.dim % nd < nd - 2)
         target = Shard(target.dim % nd)
-        names = _flatten_names(node.args)
+        names = flatten_names(node.args)
         for i, spec in enumerate(args[:2]):
             if spec.placements != (target,):
                 self._move(sim, spec, (target,), names[i] or node.name, node.name, planned=False)
@@ -335,7 +346,7 @@ class PlacementSimulator:
         logits = args[0]
         p = logits.placements[0]
         last = len(logits.tensor_meta.shape) - 1
-        names = _flatten_names(node.args)
+        names = flatten_names(node.args)
         if p.is_shard() and p.dim in (last, -1):
             # vocab-parallel loss (autoshard.ops.loss_parallel): all-reduce of the row maxima, then
             # one of the stacked row sums (sum-exp, target logit, + row sum with label smoothing)
@@ -363,7 +374,7 @@ def _flatten(x) -> list:
     return [x]
 
 
-def _flatten_names(args) -> list[str | None]:
+def flatten_names(args) -> list[str | None]:
     return [a.name if isinstance(a, fx.Node) else None for a in _flatten(args)]
 
 

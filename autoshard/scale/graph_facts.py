@@ -18,6 +18,7 @@ from torch import fx
 
 from autoshard.graph.analyse import GraphAnalysis, Role, analyse
 from autoshard.scale.memory import local_numel
+from autoshard.schema.placements import is_split
 
 _PASS_THROUGH = {Role.VIEW, Role.ASSERT}
 _UNEVEN = re.compile(r"output dimension \d+ \(size (\d+)\) is not evenly divisible by mesh dimension \d+ \(size (\d+)\)")
@@ -89,7 +90,7 @@ class Facts:
             for which, arg in zip(("query", "key", "value"), sdpa.args[:3]):
                 lin = _producing_linear(self.analysis, arg)
                 if lin is not None:
-                    proj[which] = self.analysis.param_of(lin.args[1])
+                    proj[which] = self.analysis.weight(lin).fqn
             heads = getattr(self.config, "num_attention_heads", None)
             kv = getattr(self.config, "num_key_value_heads", None) or heads
             tp = plan.mesh["tp"]
@@ -116,15 +117,16 @@ class Facts:
             return []
         n_exp = getattr(self.config, "num_experts", None) or getattr(self.config, "num_local_experts", None)
         top_k = getattr(self.config, "num_experts_per_tok", None)
-        sharded = [p for p in experts if p.placement.startswith("Shard")]
+        sharded = [p for p in experts if is_split(p.placement)]
         per_layer = {self._folded(p.fqn): p for p in experts}
         state = "sharded (tensor parallel inside each expert)" if sharded and len(sharded) == len(experts) else (
             "partly sharded" if sharded else "replicated")
         out = [f"MoE experts: {n_exp or '?'} experts per layer, top-{top_k or '?'} routing; experts {state}"]
         for name, p in per_layer.items():
-            out.append(f"  {name} {'x'.join(map(str, p.shape))}: {p.placement}: {self.why_replicated(p, plan) if not p.placement.startswith('Shard') else p.reason}")
-        if not sharded:
-            out.append("  routing is computed identically on every rank (router replicated), so each rank's experts see the same tokens as unsharded")
+            out.append(f"  {name} {'x'.join(map(str, p.shape))}: {p.placement}: {self.why_replicated(p, plan) if not is_split(p.placement) else p.reason}")
+        out.append("  routing is computed identically on every rank (router replicated), so each rank's experts see the same tokens as unsharded")
+        if sharded:
+            out.append("  each rank holds its slice of every expert's gate/up (intermediate dim) and down (row): one reduce per MoE layer, as a dense MLP")
         return out
 
     def _folded(self, fqn: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoshard.schema.placements import is_split
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_len
 
@@ -22,12 +23,13 @@ from autoshard.schema.units import chunk_len
 def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:
     numel = math.prod(shape)
     p = parse_placement(placement)
-    if not p.is_shard() or not shape:
+    if not is_split(placement) or not shape:
         return numel
     dim = p.dim % len(shape)
     if shape[dim] == 0:
         return 0
-    return numel // shape[dim] * chunk_len(shape[dim], tp, rank)
+    parts = getattr(p, "split_factor", 1)  # a fused weight: each of its equal parts split like torch.chunk
+    return numel // shape[dim] * parts * chunk_len(shape[dim] // parts, tp, rank)
 
 
 def itemsize(dtype: str) -> int:
@@ -63,7 +65,7 @@ class ParamMemory:
 def param_memory(plan: Plan) -> ParamMemory:
     tp = plan.mesh["tp"]
     params = unique_params(plan)
-    replicated = [p for p in params if not p.placement.startswith("Shard")]
+    replicated = [p for p in params if not is_split(p.placement)]
     rep_bytes = sum(math.prod(p.shape) * itemsize(p.dtype) for p in replicated)
     per_rank = param_bytes_per_rank(plan)
     return ParamMemory(

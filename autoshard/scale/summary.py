@@ -16,6 +16,7 @@ from collections import Counter
 from autoshard.scale.fast import PlanningResult
 from autoshard.scale.graph_facts import describe_model
 from autoshard.scale.memory import itemsize, local_numel, param_memory, unique_params
+from autoshard.schema.placements import is_split
 from autoshard.schema.report import text_table
 from autoshard.schema.units import format_bytes as _bytes
 
@@ -107,7 +108,7 @@ def _replicated(plan, facts, container) -> list[str]:
     tp = plan.mesh["tp"]
     rows = []
     for p in unique_params(plan):
-        if p.placement.startswith("Shard"):
+        if is_split(p.placement):
             continue
         rows.append((p.fqn, _bytes(math.prod(p.shape) * itemsize(p.dtype)), facts.why_replicated(p, plan)))
     if not rows:

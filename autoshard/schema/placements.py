@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from torch.distributed.tensor import Partial, Replicate, Shard
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.schema.errors import PlanError
 
@@ -13,6 +13,8 @@ _PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\(\)$
 
 
 def placement_str(p: Placement) -> str:
+    if isinstance(p, _StridedShard):
+        return f"_StridedShard({p.dim}, sf={p.split_factor})"
     if isinstance(p, Shard):
         return f"Shard({p.dim})"
     if isinstance(p, Partial):
@@ -20,17 +22,29 @@ def placement_str(p: Placement) -> str:
     return "Replicate()"
 
 
-_PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\(\)$")
-
+_STRIDED = re.compile(r"^_StridedShard\((-?\d+), sf=(\d+)\)$")
 
 
 def parse_placement(text: str) -> Placement:
+    strided = _STRIDED.match(text.strip())
+    if strided:  # DTensor's layout for a fused weight: each of sf equal parts split over the mesh
+        return _StridedShard(int(strided.group(1)), split_factor=int(strided.group(2)))
     m = _PLACEMENT.match(text.strip())
     if not m:
         raise PlanError(f"not a placement: {text!r} (expected Shard(d), Replicate() or Partial())")
     if m.group(1):
         return Shard(int(m.group(2)))
     return Replicate() if m.group(3) else Partial()
+
+
+def parse_placements(text: str) -> tuple[Placement, ...]:
+    """A mesh's placements as `Simulation` writes them, one per mesh dim, comma-separated."""
+    return tuple(parse_placement(p) for p in re.split(r",(?![^(]*\))", text))
+
+
+def is_split(text: str) -> bool:
+    """Is a plan's placement text a split over the mesh (`Shard(d)`, or a fused weight's `_StridedShard`)?"""
+    return text.startswith(("Shard(", "_StridedShard("))
 
 
 def planned_placement(placements: dict[str, Placement], tied: dict[str, str], fqn: str) -> Placement:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from autoshard.schema.placements import is_split, parse_placement
 from autoshard.schema.units import chunk_block, format_bytes as _bytes
 
 if TYPE_CHECKING:
@@ -102,8 +103,8 @@ def _param_cost(plan: Plan, p) -> str:
 
     tp = int(plan.mesh.get("tp", 1))
     shape = list(p.shape)
-    if p.placement.startswith("Shard(") and shape:
-        dim = int(p.placement[len("Shard("):].split(")")[0].split("=")[-1])
+    if is_split(p.placement) and shape:
+        dim = parse_placement(p.placement).dim % len(shape)
         shape[dim] = chunk_block(shape[dim], tp)
     numel = math.prod(shape)
     size = torch.empty((), dtype=getattr(torch, p.dtype)).element_size()
