@@ -27,23 +27,23 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
             if c.kind == "embedding":
                 _set(params, reasons, analysis.param_of(node.args[0]), Shard(0), "vocab-parallel table: rows (vocab) split over tp", name)
                 continue
-            fqn, bias = analysis.weight(node).fqn, analysis.bias_of(node)
-            placement = c.placements[fqn]
+            w, bias = analysis.weight(node), analysis.bias_of(node)
+            placement = c.placements[w.fqn]
             why = "column-parallel LM head, logits vocab-sharded" if c.kind == "column_output" else "column-parallel: output features split over tp"
             if isinstance(placement, _StridedShard):
                 why += f" in each of its {placement.split_factor} fused parts (the output is chunked in {placement.split_factor})"
-            if analysis.weight(node).out_dim != 0:
-                why += f"; dim {analysis.weight(node).out_dim} of the per-expert weights [experts, ...]"
-            _set(params, reasons, fqn, placement, why, name)
+            if w.out_dim != 0:
+                why += f"; dim {w.out_dim} of the per-expert weights [experts, ...]"
+            _set(params, reasons, w.fqn, placement, why, name)
             if bias:
                 _set(params, reasons, bias, c.placements[bias], "bias of a column-parallel linear", name)
         for n in c.row_nodes:
             node = analysis.nodes[n]
-            fqn, bias = analysis.weight(node).fqn, analysis.bias_of(node)
+            w, bias = analysis.weight(node), analysis.bias_of(node)
             why = "row-parallel: input features split, partial sums reduced after"
-            if analysis.weight(node).in_dim != 1:
-                why += f"; dim {analysis.weight(node).in_dim} of the per-expert weights [experts, ...]"
-            _set(params, reasons, fqn, c.placements[fqn], why, name)
+            if w.in_dim != 1:
+                why += f"; dim {w.in_dim} of the per-expert weights [experts, ...]"
+            _set(params, reasons, w.fqn, c.placements[w.fqn], why, name)
             if bias:
                 _set(params, reasons, bias, REPLICATE, "bias of a row-parallel linear, added once after the reduction", name)
     return params, reasons, []

@@ -36,7 +36,7 @@ from autoshard.cost.comm import collective_time, link_for
 from autoshard.cost.compute import compute_time, peak_flops_for  # noqa: F401 - re-exported for users
 from autoshard.cost.hardware import HardwareProfile
 from autoshard.cost.memory import local_fraction, tensor_bytes
-from autoshard.graph.analyse import GraphAnalysis, Role, grouped_mm_ops
+from autoshard.graph.analyse import GraphAnalysis, Role, is_grouped_mm
 from autoshard.schema.units import chunk_block, pack_buckets
 
 aten = torch.ops.aten
@@ -205,7 +205,7 @@ def node_flops(node) -> int:
             rows = math.prod(hint(tuple(x.shape[:-1])))
             return 2 * rows * int(w.shape[0]) * int(w.shape[1])
         return 0
-    if node.target in grouped_mm_ops():  # each of the S rows meets one expert's [K, N]
+    if is_grouped_mm(node.target):  # each of the S rows meets one expert's [K, N]
         x, w = node.args[0].meta.get("val"), node.args[1].meta.get("val")
         if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor):
             from autoshard.graph.simulate import hint

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from autoshard.cost.activation import SavedActivations
 from autoshard.graph.analyse import GraphAnalysis
-from autoshard.schema.units import chunk_block
+from autoshard.schema.placements import splits
+from autoshard.schema.units import chunk_block, split_len
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each (torch.optim.Adam/AdamW on fp32 params)
 
@@ -52,11 +52,10 @@ def local_fraction(spec, shape: tuple[int, ...] | None = None) -> float:
     frac = 1.0
     n = spec.mesh.size()
     for p in spec.placements:
-        if (p.is_shard() or isinstance(p, _StridedShard)) and shape:
+        if splits(p) and shape:
             size = shape[p.dim % len(shape)]
-            parts = getattr(p, "split_factor", 1)  # a fused value: each part split like torch.chunk
             if size:
-                frac *= parts * chunk_block(size // parts, n) / size
+                frac *= split_len(size, n, 0, getattr(p, "split_factor", 1)) / size
     return frac
 
 

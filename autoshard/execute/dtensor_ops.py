@@ -199,7 +199,7 @@ class LocalMatmul(RuntimeOp):
 
 class LocalGroupedMM(RuntimeOp):
     """A grouped (expert) matmul `x [S, K] @ w [E, K, N]` on local shards, as the plan simulated
-    (`simulate.grouped_mm_placement`): column (w split on N, in w's own layout, fused parts
+    (`graph.grouped.grouped_mm_placement`): column (w split on N, in w's own layout, fused parts
     included) or row (x and w split on K: partial sums); anything else whole. Each rank's rows
     are routed as on every other rank (the router ran on whole tokens), so the local product is
     that rank's slice of every expert's output."""

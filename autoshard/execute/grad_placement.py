@@ -18,12 +18,13 @@ from typing import Callable
 import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Replicate
-from torch.distributed.tensor.placement_types import Placement, _StridedShard
+from torch.distributed.tensor.placement_types import Placement
 
 from autoshard.execute import dtensor_ops as ops
 from autoshard.execute import local_ops as rt
 from autoshard.graph.capture import Captured
 from autoshard.schema.errors import PlanError
+from autoshard.schema.placements import splits
 
 REPLICATE, PARTIAL = Replicate(), Partial()
 
@@ -116,7 +117,7 @@ class GradientPlacements:
             out = next((p for p in out if p is not None), None)
         if src is None:
             return gk if out in (None, REPLICATE) else REPLICATE
-        if src.is_shard() or isinstance(src, _StridedShard):  # a fused weight's parts split alike
+        if splits(src):  # a fused weight's parts split alike
             if gk.is_partial():
                 raise self.error(f"{inp.name} is sharded but {user.name} sends back partial gradients")
             return src

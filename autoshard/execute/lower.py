@@ -42,6 +42,7 @@ from autoshard.execute.lowered_program import LoweredProgram, describe_collectiv
 from autoshard.execute.sym_sizes import SizeEmitter
 from autoshard.schema.errors import PlanError
 from autoshard.graph.capture import Captured
+from autoshard.schema.placements import splits
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_start
 from autoshard.graph.analyse import embedding_args
@@ -145,7 +146,7 @@ class _Lowering:
             return None
         if isinstance(mod, (runtime.LocalAttention, runtime.LocalMatmul)):
             return self._norm(mod.placement, node.args[0]) if src is not None else None
-        if isinstance(mod, runtime.LocalGroupedMM):  # a gather a whole one would need is an unplanned move: rejected
+        if isinstance(mod, runtime.LocalGroupedMM):  # whole with split inputs would gather: an unplanned move, rejected above
             return grouped_mm_placement(*(self.placement.get(a) or REPLICATE for a in node.args[:2])) or REPLICATE
         if isinstance(mod, runtime.LocalChunk):
             return tuple(Shard(self.placement[node.args[0]].dim) for _ in node.meta["val"])
@@ -362,7 +363,7 @@ class _Lowering:
         elif t in (aten.sym_size.int,):
             x, d = node.args
             p = self.placement.get(x)
-            if isinstance(p, (Shard, _StridedShard)) and d % self._val(x).ndim == p.dim:
+            if p is not None and splits(p) and d % self._val(x).ndim == p.dim:
                 self._drop(node, self._global_size(x, p.dim))
         elif t in (aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default):
             if isinstance(self.placement.get(node.args[0]), Shard):

@@ -24,7 +24,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.schema.errors import PlanError
 from autoshard.ops.layout import stride_order
-from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, grouped_mm_ops
+from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, is_grouped_mm
 from autoshard.graph.capture import Captured, retarget_devices
 from autoshard.graph.grouped import fused_chunk
 from autoshard.graph.simulate import Simulation
@@ -184,11 +184,10 @@ def _local_matmuls(g: _Editing, sim: Simulation) -> None:
 
 def _local_experts(g: _Editing, sim: Simulation) -> None:
     """Grouped expert matmuls on DTensors, and chunks of fused outputs, run on local shards."""
-    grouped = grouped_mm_ops()
     for node in list(g.graph.nodes):
         if node.op != "call_function" or not isinstance(sim.specs.get(node.name), (DTensorSpec, tuple)):
             continue
-        if node.target in grouped:
+        if is_grouped_mm(node.target):
             mod, prefix = LocalGroupedMM(node.target), "grouped_mm"
         elif node.target is aten.chunk.default and fused_chunk(node, sim.specs.get(node.args[0].name)):
             mod, prefix = LocalChunk(), "fused_chunk"

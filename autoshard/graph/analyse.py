@@ -44,16 +44,15 @@ NORM_OPS = {aten.rms_norm.default, aten.layer_norm.default, aten.native_layer_no
 ASSERT_OPS = {aten._assert_tensor_metadata.default}
 
 
-def grouped_mm_ops() -> set:
-    """Grouped matmuls `(x [S, K], w [E, K, N], offs [E]) -> [S, N]`: rows of x sorted by expert,
+GROUPED_MM_SCHEMAS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback"}
+
+
+def is_grouped_mm(target) -> bool:
+    """A grouped matmul `(x [S, K], w [E, K, N], offs [E]) -> [S, N]`: rows of x sorted by expert,
     expert e's rows multiplied by w[e]. `aten._grouped_mm` where a kernel exists (bf16 on CUDA),
-    transformers' custom-op fallback elsewhere (registered once transformers' MoE code is imported)."""
-    ops = {aten._grouped_mm.default}
-    ns = getattr(torch.ops, "transformers", None)
-    fallback = getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
-    if fallback is not None:
-        ops.add(fallback.default)
-    return ops
+    transformers' custom-op fallback elsewhere (known by name: it exists only once transformers'
+    MoE code is imported)."""
+    return isinstance(target, torch._ops.OpOverload) and target._schema.name in GROUPED_MM_SCHEMAS
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class GraphAnalysis:
         """The parameter a LINEAR node multiplies by, and its feature dims."""
         if node.target is aten.linear.default:
             return WeightUse(self.param_of(node.args[1]), 0, 1)
-        w, perm = _through_transposes(node.args[1])
+        w, perm, _ = _through_transposes(node.args[1])
         # the grouped operand is [E, K, N]: N (dim 2) the output features, K (dim 1) the input's
         return WeightUse(self.param_of(w), perm[2], perm[1])
 
@@ -92,11 +91,7 @@ class GraphAnalysis:
         """The transposes between a LINEAR node's parameter and its weight operand, first first."""
         if node.target is aten.linear.default:
             return []
-        chain, w = [], node.args[1]
-        while isinstance(w, fx.Node) and w.op == "call_function":
-            chain.append(w)
-            w = w.args[0]
-        return chain[::-1]
+        return _through_transposes(node.args[1])[2]
 
     def bias_of(self, node: fx.Node) -> str | None:
         if node.target is aten.linear.default and len(node.args) > 2:
@@ -125,7 +120,7 @@ def _classify(node: fx.Node, captured: Captured) -> Role:
     is_param = lambda a: isinstance(a, fx.Node) and a.op == "placeholder" and a.name in captured.param_fqns  # noqa: E731
     if target is aten.linear.default and is_param(node.args[1]):
         return Role.LINEAR
-    if target in grouped_mm_ops() and len(node.args) > 2 and is_param(_through_transposes(node.args[1])[0]):
+    if is_grouped_mm(target) and len(node.args) > 2 and is_param(_through_transposes(node.args[1])[0]):
         return Role.LINEAR
     if target is aten.embedding.default and is_param(node.args[0]):
         return Role.EMBEDDING
@@ -161,9 +156,9 @@ def embedding_args(node: fx.Node) -> tuple:
 
 
 def _through_transposes(node) -> tuple:
-    """The tensor `node` transposes (through `transpose`/`t`/`permute`), and for each dim of
-    `node` the dim of that tensor it is."""
-    perm = None
+    """The tensor `node` transposes (through `transpose`/`t`/`permute`), for each dim of `node`
+    the dim of that tensor it is, and the transposes in between (first first)."""
+    perm, chain = None, []
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in (aten.transpose.int, aten.permute.default, aten.t.default):
         ndim = node.meta["val"].ndim
         here = list(range(ndim))
@@ -175,10 +170,11 @@ def _through_transposes(node) -> tuple:
         else:
             here = here[::-1]
         perm = here if perm is None else [here[d] for d in perm]
+        chain.append(node)
         node = node.args[0]
     if perm is None:
         perm = list(range(node.meta["val"].ndim)) if isinstance(node, fx.Node) and hasattr(node.meta.get("val"), "ndim") else [0, 1, 2]
-    return node, perm
+    return node, perm, chain[::-1]
 
 
 _VIEW_PACKETS = {

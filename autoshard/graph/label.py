@@ -24,7 +24,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from autoshard.graph.analyse import GraphAnalysis, Role
+from autoshard.graph.analyse import ASSERT_OPS, GraphAnalysis, Role
 from autoshard.graph.simulate import PlacementSimulator, Simulation
 from autoshard.schema.units import chunk_block
 
@@ -90,10 +90,11 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
     for lin in group:
         # fused parts are split part by part for expert weights only: a dense linear's strided
         # output meets DTensor's views, which do not keep the layout (it stays whole instead)
-        w, packed = analysis.weight(lin), (packed_factor(lin) if lin.target is not torch.ops.aten.linear.default else 1)
+        w, bias = analysis.weight(lin), analysis.bias_of(lin)
+        packed = packed_factor(lin) if lin.target is not torch.ops.aten.linear.default else 1
         params[w.fqn] = _column(w.out_dim, packed)
-        if analysis.bias_of(lin):
-            params[analysis.bias_of(lin)] = _column(0, packed)
+        if bias:
+            params[bias] = _column(0, packed)
     region: set[str] = set()
     heap = [(order[n.name], n.name) for n in group]
     heapq.heapify(heap)
@@ -110,7 +111,8 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if is_row:
             if node.args[0].name not in region:
                 return _illegal(cand, f"{name} reads a sharded value as its weight or bias")
-            params[analysis.weight(node).fqn] = Shard(analysis.weight(node).in_dim)
+            w = analysis.weight(node)
+            params[w.fqn] = Shard(w.in_dim)
         region.add(name)
         if role is Role.LINEAR:  # its weight's transposes run on the weight's shards too
             for view in analysis.weight_views(node):
@@ -153,17 +155,17 @@ def _column(dim: int, packed: int) -> Placement:
     return _StridedShard(dim, split_factor=packed) if packed > 1 else Shard(dim)
 
 
-_SAME_VALUE_OPS = {"aten.to.dtype", "aten._to_copy.default", "aten.clone.default", "aten.contiguous.default"}
+_SAME_VALUE_OPS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}
 
 
 def packed_factor(linear: fx.Node) -> int:
     """k when the linear's output is only ever cut into k equal chunks on the feature dim (a fused
     gate|up or q|k|v projection read part by part), else 1."""
     node = linear
-    while len(node.users) == 1 and str(next(iter(node.users)).target) in _SAME_VALUE_OPS:
+    while len(node.users) == 1 and next(iter(node.users)).target in _SAME_VALUE_OPS:
         node = next(iter(node.users))
     ndim = node.meta["val"].ndim
-    users = [u for u in node.users if str(u.target) != "aten._assert_tensor_metadata.default"]
+    users = [u for u in node.users if u.target not in ASSERT_OPS]
     if len(users) == 1 and users[0].target is torch.ops.aten.chunk.default:
         chunks, dim = users[0].args[1], (users[0].args[2] if len(users[0].args) > 2 else 0)
         width = node.meta["val"].shape[-1]

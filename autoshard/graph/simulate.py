@@ -33,7 +33,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._op_schema import OpSchema, RuntimeSchemaInfo
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, grouped_mm_ops
+from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
 from autoshard.graph.grouped import fused_chunk, grouped_mm_spec
 from autoshard.schema.plan import Plan
 
@@ -112,7 +112,6 @@ class PlacementSimulator:
         self.analysis = analysis
         self.mesh = mesh
         self.prop = DTensor._op_dispatcher.sharding_propagator
-        self.grouped = grouped_mm_ops()
 
     # ---- public -------------------------------------------------------------------------------
     def run(
@@ -179,7 +178,7 @@ class PlacementSimulator:
             sim.mixed.add(node.name)
         if node.target is aten.linear.default:
             return self._linear(node, sim, operands)
-        if node.target in self.grouped:
+        if is_grouped_mm(node.target):
             return grouped_mm_spec(self, node, sim, operands)
         if node.target is aten.chunk.default and fused_chunk(node, operands.get(node.args[0].name)):
             dim = operands[node.args[0].name].placements[0].dim

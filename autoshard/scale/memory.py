@@ -17,7 +17,7 @@ import torch
 
 from autoshard.schema.placements import is_split
 from autoshard.schema.plan import Plan, parse_placement
-from autoshard.schema.units import chunk_len
+from autoshard.schema.units import split_len
 
 
 def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:
@@ -28,8 +28,7 @@ def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:
     dim = p.dim % len(shape)
     if shape[dim] == 0:
         return 0
-    parts = getattr(p, "split_factor", 1)  # a fused weight: each of its equal parts split like torch.chunk
-    return numel // shape[dim] * parts * chunk_len(shape[dim] // parts, tp, rank)
+    return numel // shape[dim] * split_len(shape[dim], tp, rank, getattr(p, "split_factor", 1))
 
 
 def itemsize(dtype: str) -> int:

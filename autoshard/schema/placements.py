@@ -42,6 +42,11 @@ def parse_placements(text: str) -> tuple[Placement, ...]:
     return tuple(parse_placement(p) for p in re.split(r",(?![^(]*\))", text))
 
 
+def splits(p: Placement) -> bool:
+    """Is `p` a split over the mesh: `Shard(d)`, or `_StridedShard` (not a `Shard` subclass)?"""
+    return p.is_shard() or isinstance(p, _StridedShard)
+
+
 def is_split(text: str) -> bool:
     """Is a plan's placement text a split over the mesh (`Shard(d)`, or a fused weight's `_StridedShard`)?"""
     return text.startswith(("Shard(", "_StridedShard("))

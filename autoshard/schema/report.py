@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autoshard.schema.placements import is_split, parse_placement
-from autoshard.schema.units import chunk_block, format_bytes as _bytes
+from autoshard.schema.units import format_bytes as _bytes, split_len
 
 if TYPE_CHECKING:
     from autoshard.schema.plan import Plan
@@ -104,8 +104,9 @@ def _param_cost(plan: Plan, p) -> str:
     tp = int(plan.mesh.get("tp", 1))
     shape = list(p.shape)
     if is_split(p.placement) and shape:
-        dim = parse_placement(p.placement).dim % len(shape)
-        shape[dim] = chunk_block(shape[dim], tp)
+        placement = parse_placement(p.placement)
+        dim = placement.dim % len(shape)
+        shape[dim] = split_len(shape[dim], tp, 0, getattr(placement, "split_factor", 1))
     numel = math.prod(shape)
     size = torch.empty((), dtype=getattr(torch, p.dtype)).element_size()
     text = f"{_bytes(numel * size)} parameter + {_bytes(numel * size)} gradient + {_bytes(numel * 8)} Adam state per rank"

@@ -33,6 +33,12 @@ def chunk_len(n, parts: int, index: int):
     return max(0, min(block, n - index * block))
 
 
+def split_len(n, ranks: int, index: int, parts: int = 1):
+    """How many of `n` elements rank `index` holds when each of `parts` equal parts (a fused
+    weight's gate | up, DTensor's `_StridedShard(sf=parts)`) is split like torch.chunk."""
+    return parts * chunk_len(n // parts, ranks, index)
+
+
 def pack_buckets(sized, cap: float) -> list[list]:
     """`(key, nbytes)` pairs, in order, packed into consecutive buckets of at most `cap` bytes (a
     larger item gets a bucket of its own): DDP's and autoshard's gradient buckets."""
