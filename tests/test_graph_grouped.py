@@ -56,3 +56,28 @@ def test_moe_labels_pair_experts_column_and_row():
         assert c.placements[down.fqn] == Shard(2)
     router = [c for c in labels.candidates if c.kind != "embedding" and any(analysis.weight(analysis.nodes[n]).fqn.endswith("mlp.gate.weight") for n in c.column_nodes)]
     assert router and not any(c.legal for c in router)  # softmax over experts needs them all
+
+
+def test_equal_parts_of_chunk_and_split():
+    from torch import fx
+
+    from autoshard.graph.grouped import equal_parts, fused_linear_placement
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(2, 3, 12)
+    aten = torch.ops.aten
+    cases = [
+        (aten.chunk.default, (x, 3, -1), (3, 2)),
+        (aten.split.Tensor, (x, 4, 2), (3, 2)),                   # nanoGPT: split(n_embd, dim=2)
+        (aten.split.Tensor, (x, 5, 2), None),                     # 5 + 5 + 2: unequal
+        (aten.split_with_sizes.default, (x, [6, 6], -1), (2, 2)),
+        (aten.split_with_sizes.default, (x, [8, 2, 2], -1), None),  # Phi-3 q | k | v with 2 KV heads of 4
+        (aten.chunk.default, (x, 1, -1), None),
+    ]
+    for op, args, expect in cases:
+        assert equal_parts(g.call_function(op, args)) == expect, (op, args)
+    R = Replicate()
+    assert fused_linear_placement(R, _StridedShard(0, split_factor=3), 3) == _StridedShard(2, split_factor=3)
+    assert fused_linear_placement(Shard(2), _StridedShard(0, split_factor=3), 3) is None
+    assert fused_linear_placement(R, Shard(0), 3) is None  # a plain column linear: DTensor's own rule

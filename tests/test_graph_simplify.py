@@ -139,3 +139,35 @@ def test_in_place_update_of_a_fresh_tensor_becomes_out_of_place_unless_an_alias_
     expect.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, rtol=0, atol=0)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's `Conv1D`: weight stored `[in, out]`, batch dims folded around an `addmm`."""
+
+    def __init__(self, nx: int = 8, nf: int = 12):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(x.size()[:-1] + (self.weight.shape[1],)) + torch.addmm(self.bias, x[0], self.weight, beta=0.5)
+
+
+def test_conv1d_addmm_becomes_a_linear_of_the_transposed_weight_without_the_fold():
+    x = torch.randn(2, 3, 8)
+    model = Conv1D()
+    ep = _exported(model, (x,))
+    assert simplify.addmm_as_linear(ep.graph_module)
+    ep.graph_module.recompile()
+    ops = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    linear = next(n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default)
+    assert linear.args[0].op == "placeholder" and linear.args[1].target is torch.ops.aten.t.default  # N-d input, W.t()
+    assert ops.count(torch.ops.aten.addmm.default) == 1  # the one with beta=0.5 is left alone
+    assert torch.ops.aten.view.default not in {u.target for u in linear.users}
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), model(b)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)

@@ -65,7 +65,8 @@ def _nanogpt_case(lower: bool, seq: int = 7) -> dict:
         e_last, _ = ref(idx)
     return {"logits": (full(logits) - e_logits).abs().max().item(), "loss": abs(full(loss).item() - e_loss.item()),
             "grads": grads, "missing": missing, "tied": tied, "notes": getattr(sharded, "lowering_notes", []),
-            "last": (full(last) - e_last).abs().max().item(), "last_shape": tuple(full(last).shape), "no_loss": none is None}
+            "last": (full(last) - e_last).abs().max().item(), "last_shape": tuple(full(last).shape), "no_loss": none is None,
+            "placements": {k: p.placement for k, p in sharded.plan.params.items()}}
 
 
 def _check(r: dict) -> None:
@@ -96,6 +97,9 @@ def test_nanogpt_exact_tp2(ranks2, lower):
         _check(r)
         assert r["loss"] < ATOL and r["tied"], r
         assert r["last"] < ATOL and r["last_shape"] == (2, 1, 96) and r["no_loss"], r
+        # the fused c_attn split part by part: each rank its slice of q, of k and of v
+        assert r["placements"]["transformer.h.0.attn.c_attn.weight"] == "_StridedShard(0, sf=3)"
+        assert r["placements"]["transformer.h.0.attn.c_proj.weight"] == "Shard(1)"
 
 
 def test_nanogpt_exact_tp4(ranks4):

@@ -9,7 +9,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from autoshard.graph.analyse import GraphAnalysis, Role
+from autoshard.graph.analyse import GraphAnalysis, Role, is_grouped_mm
 from autoshard.graph.label import Candidate
 from autoshard.graph.simulate import Simulation
 from autoshard.schema.plan import SP_STREAM, ParamPlan, placement_str
@@ -33,7 +33,7 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
             if isinstance(placement, _StridedShard):
                 why += f" in each of its {placement.split_factor} fused parts (the output is chunked in {placement.split_factor})"
             if w.out_dim != 0:
-                why += f"; dim {w.out_dim} of the per-expert weights [experts, ...]"
+                why += _stored(analysis, node, w.out_dim)
             _set(params, reasons, w.fqn, placement, why, name)
             if bias:
                 _set(params, reasons, bias, c.placements[bias], "bias of a column-parallel linear", name)
@@ -42,11 +42,24 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
             w, bias = analysis.weight(node), analysis.bias_of(node)
             why = "row-parallel: input features split, partial sums reduced after"
             if w.in_dim != 1:
-                why += f"; dim {w.in_dim} of the per-expert weights [experts, ...]"
+                why += _stored(analysis, node, w.in_dim)
             _set(params, reasons, w.fqn, c.placements[w.fqn], why, name)
             if bias:
                 _set(params, reasons, bias, REPLICATE, "bias of a row-parallel linear, added once after the reduction", name)
     return params, reasons, []
+
+
+def _stored(analysis: GraphAnalysis, node, dim: int) -> str:
+    """Where the split dim lies in a weight not stored `[out, in]`."""
+    if not is_grouped_mm(node.target):
+        return f"; dim {dim} of the weight, stored [in, out] (as GPT-2's Conv1D)"
+    return f"; dim {dim} of the per-expert weights [experts, ...]"
+
+
+def _weights(analysis: GraphAnalysis, c: Candidate) -> set[str]:
+    """The tables / weights a region's column and row nodes multiply by."""
+    return {analysis.param_of(analysis.nodes[x].args[0]) if c.kind == "embedding" else analysis.weight(analysis.nodes[x]).fqn
+            for x in c.column_nodes + c.row_nodes}
 
 
 def _set(params, reasons, fqn, placement, why, region):
@@ -73,7 +86,7 @@ def reconcile_ties(analysis, params, reasons, chosen) -> tuple[dict, list[str], 
         placements = {placement_str(params.get(n, REPLICATE)) for n in names if n in in_graph}
         if len(placements) > 1:
             for c in chosen:
-                touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column_nodes + c.row_nodes}
+                touched = _weights(analysis, c)
                 if touched & set(names):
                     demoted.add(id(c))
                     for fqn in touched:
@@ -88,7 +101,7 @@ def reconcile_ties(analysis, params, reasons, chosen) -> tuple[dict, list[str], 
         if node.name in looked_up or fqn not in params:
             continue
         for c in chosen:
-            touched = {analysis.param_of(analysis.nodes[x].args[0 if c.kind == "embedding" else 1]) for x in c.column_nodes + c.row_nodes}
+            touched = _weights(analysis, c)
             if fqn in touched:
                 demoted.add(id(c))
                 for f in touched:

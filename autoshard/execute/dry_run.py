@@ -17,12 +17,12 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from autoshard.schema.errors import PlanError
 from autoshard.graph.capture import Captured
 from autoshard.graph.simulate import hint
 from autoshard.schema.plan import Plan, planned_placement
-from autoshard.schema.units import chunk_len, chunk_start
 
 _CANNOT_FAKE = ("DataDependent", "DynamicOutputShape", "UnsupportedOperator", "data-dependent", "unbacked")
 
@@ -70,10 +70,9 @@ def _fake_input(captured: Captured, node: fx.Node, placements: dict, mesh: Devic
     if fqn is None:
         return t
     placement = planned_placement(placements, captured.tied, fqn)
-    local = t
-    if placement.is_shard():
-        n, rank = t.shape[placement.dim], mesh.get_local_rank()
-        local = t.narrow(placement.dim, chunk_start(n, mesh.size(), rank), chunk_len(n, mesh.size(), rank)).contiguous()
+    # DTensor's own arithmetic for this rank's shard (a fused weight's `_StridedShard` included)
+    local_shape, _ = compute_local_shape_and_global_offset(t.shape, mesh, [placement])
+    local = torch.empty(local_shape, dtype=val.dtype, device=mesh.device_type)
     dt = DTensor.from_local(local, mesh, [placement], run_check=False, shape=t.shape, stride=t.stride())
     return dt.requires_grad_(t.is_floating_point())
 

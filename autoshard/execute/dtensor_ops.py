@@ -17,7 +17,7 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
-from autoshard.graph.grouped import grouped_mm_placement
+from autoshard.graph.grouped import fused_linear_placement, grouped_mm_placement
 from autoshard.ops.layout import canonical_in_order, stride_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
@@ -226,17 +226,45 @@ class LocalGroupedMM(RuntimeOp):
         return str(self.target)
 
 
-class LocalChunk(RuntimeOp):
-    """`chunk(x, k, dim)` of a fused output laid out `_StridedShard(dim, sf=k)`: each rank's slice
-    holds its share of every part in order, so its local chunks are the parts' `Shard(dim)`."""
+class LocalLinear(RuntimeOp):
+    """`linear(x, w, b)` with a fused weight `_StridedShard(0, sf=k)` (each rank holds its slice of
+    q, of k and of v, or of gate and of up) and a whole input, on local shards: the output's
+    features come out laid out the same way (`graph.grouped.fused_linear_placement`). DTensor's
+    own decomposition (`view`, `mm`, `view`) does not keep that layout."""
 
-    def forward(self, x, chunks, dim=0):
-        d = dim % x.ndim
+    target = torch.ops.aten.linear.default  # what the lowered program runs on the local shards
+
+    def forward(self, x, w, b=None):
+        if not isinstance(w, DTensor):
+            return F.linear(x, w, b)
+        out = fused_linear_placement(x.placements[0] if isinstance(x, DTensor) else Replicate(), w.placements[0], x.ndim)
+        if out is None:  # not what the plan simulated; whole, as the simulation says then
+            return F.linear(x, w.full_tensor(), b.full_tensor() if isinstance(b, DTensor) else b)
+        ins = ((Replicate(),), w.placements, b.placements if isinstance(b, DTensor) else None)
+        grads = ((Partial(),), w.placements, ins[2])
+        fn = local_map(F.linear, out_placements=((out,),), in_placements=ins, in_grad_placements=grads,
+                       device_mesh=w.device_mesh, redistribute_inputs=True)
+        return fn(x, w, b)
+
+
+class LocalChunk(RuntimeOp):
+    """The k equal parts (`chunk`, or `split` in equal sizes) of a fused output laid out
+    `_StridedShard(dim, sf=k)`: each rank's slice holds its share of every part in order, so its
+    local chunks are the parts' `Shard(dim)`."""
+
+    def __init__(self, parts: int, dim: int):
+        super().__init__()
+        self.parts, self.dim = parts, dim
+
+    def forward(self, x, *_how):
         shape = list(x.shape)
-        shape[d] //= chunks
-        parts = x.to_local(grad_placements=x.placements).chunk(chunks, d)
-        return tuple(DTensor.from_local(part, x.device_mesh, (Shard(d),), run_check=False, shape=torch.Size(shape),
-                                        stride=make_contiguous_strides_for(shape)) for part in parts)
+        shape[self.dim] //= self.parts
+        pieces = x.to_local(grad_placements=x.placements).chunk(self.parts, self.dim)
+        return tuple(DTensor.from_local(piece, x.device_mesh, (Shard(self.dim),), run_check=False, shape=torch.Size(shape),
+                                        stride=make_contiguous_strides_for(shape)) for piece in pieces)
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}, dim={self.dim}"
 
 
 def _grads_of(ins: tuple, out: Placement) -> tuple:

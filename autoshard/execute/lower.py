@@ -46,7 +46,7 @@ from autoshard.schema.placements import splits
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_start
 from autoshard.graph.analyse import embedding_args
-from autoshard.graph.grouped import grouped_mm_placement
+from autoshard.graph.grouped import fused_linear_placement, grouped_mm_placement
 from autoshard.graph.simulate import Simulation
 
 aten = torch.ops.aten
@@ -148,8 +148,10 @@ class _Lowering:
             return self._norm(mod.placement, node.args[0]) if src is not None else None
         if isinstance(mod, runtime.LocalGroupedMM):  # whole with split inputs would gather: an unplanned move, rejected above
             return grouped_mm_placement(*(self.placement.get(a) or REPLICATE for a in node.args[:2])) or REPLICATE
+        if isinstance(mod, runtime.LocalLinear):
+            return fused_linear_placement(*(self.placement.get(a) or REPLICATE for a in node.args[:2]), self._val(node.args[0]).ndim) or REPLICATE
         if isinstance(mod, runtime.LocalChunk):
-            return tuple(Shard(self.placement[node.args[0]].dim) for _ in node.meta["val"])
+            return tuple(Shard(mod.dim) for _ in node.meta["val"])
         if isinstance(mod, runtime.VocabParallelLoss):
             return REPLICATE
         if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results
@@ -326,8 +328,10 @@ class _Lowering:
             self._replace(node, torch.matmul, node.args[:2])
         elif isinstance(mod, (runtime.ReplicatedLocal, runtime.LocalGroupedMM)):
             self._replace(node, mod.target, node.args, dict(node.kwargs))
+        elif isinstance(mod, runtime.LocalLinear):
+            self._replace(node, aten.linear.default, node.args)
         elif isinstance(mod, runtime.LocalChunk):
-            self._replace(node, aten.chunk.default, node.args, dict(node.kwargs))
+            self._replace(node, aten.chunk.default, (node.args[0], mod.parts, mod.dim))
         elif isinstance(mod, runtime.VocabParallelLoss):
             self._rewrite_loss(node, mod)
 
@@ -386,10 +390,9 @@ class _Lowering:
     def _local_view_shape(self, node, shape, dim):
         """A view's target with the sharded dim `-1` (inferred from the local numel); a `-1`
         elsewhere becomes that dim's global size, which is also its local size."""
-        val = node.meta["val"]
         for j, s in enumerate(shape):
             if j != dim and isinstance(s, int) and s == -1:
-                shape[j] = self.sizes.size_of(val.shape[j])
+                shape[j] = self.sizes.size_of(node.meta["val"].shape[j])
         shape[dim] = -1
         return shape
 

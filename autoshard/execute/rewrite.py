@@ -21,16 +21,17 @@ import torch
 from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.schema.errors import PlanError
 from autoshard.ops.layout import stride_order
 from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, is_grouped_mm
 from autoshard.graph.capture import Captured, retarget_devices
-from autoshard.graph.grouped import fused_chunk
+from autoshard.graph.grouped import equal_parts, fused_chunk
 from autoshard.graph.simulate import Simulation
 from autoshard.graph.simplify import view_root
 from autoshard.schema.plan import Plan, parse_placement
-from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalMatmul, Redistribute, ReplicatedLocal,
+from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalLinear, LocalMatmul, Redistribute, ReplicatedLocal,
                                            ToFull, ToReplicate, VocabParallelLoss)
 
 aten = torch.ops.aten
@@ -183,21 +184,34 @@ def _local_matmuls(g: _Editing, sim: Simulation) -> None:
 
 
 def _local_experts(g: _Editing, sim: Simulation) -> None:
-    """Grouped expert matmuls on DTensors, and chunks of fused outputs, run on local shards."""
-    for node in list(g.graph.nodes):
+    """Grouped expert matmuls and fused linears on DTensors, and the parts of fused outputs, run
+    on local shards (`graph.grouped`: DTensor has no rule that keeps their layout)."""
+    local = []  # decided on the simulation's names first: a replaced node's new name has no spec
+    for node in g.graph.nodes:
         if node.op != "call_function" or not isinstance(sim.specs.get(node.name), (DTensorSpec, tuple)):
             continue
         if is_grouped_mm(node.target):
-            mod, prefix = LocalGroupedMM(node.target), "grouped_mm"
-        elif node.target is aten.chunk.default and fused_chunk(node, sim.specs.get(node.args[0].name)):
-            mod, prefix = LocalChunk(), "fused_chunk"
-        else:
-            continue
+            local.append((node, LocalGroupedMM(node.target), "grouped_mm"))
+        elif node.target is aten.linear.default and isinstance(_placement(sim, node.args[1]), _StridedShard):
+            local.append((node, LocalLinear(), "fused_linear"))
+        elif node.args and fused_chunk(node, _spec(sim, node.args[0])):
+            local.append((node, LocalChunk(*equal_parts(node)), "fused_parts"))
+    for node, mod, prefix in local:
+        args, kwargs = ((node.args[0],), {}) if isinstance(mod, LocalChunk) else (tuple(node.args), dict(node.kwargs))
         with g.graph.inserting_before(node):
-            new = g.graph.call_module(g.add(mod, prefix), tuple(node.args), dict(node.kwargs))
+            new = g.graph.call_module(g.add(mod, prefix), args, kwargs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         g.graph.erase_node(node)
+
+
+def _spec(sim: Simulation, node):
+    return sim.specs.get(node.name) if isinstance(node, fx.Node) else None
+
+
+def _placement(sim: Simulation, node) -> Placement | None:
+    spec = _spec(sim, node)
+    return spec.placements[0] if isinstance(spec, DTensorSpec) else None
 
 
 def _vocab_parallel_loss(g: _Editing, plan: Plan) -> None:

@@ -81,16 +81,14 @@ class GraphAnalysis:
 
     def weight(self, node: fx.Node) -> WeightUse:
         """The parameter a LINEAR node multiplies by, and its feature dims."""
-        if node.target is aten.linear.default:
-            return WeightUse(self.param_of(node.args[1]), 0, 1)
         w, perm, _ = _through_transposes(node.args[1])
+        if node.target is aten.linear.default:  # [out, in], or its transpose (GPT-2's Conv1D holds [in, out])
+            return WeightUse(self.param_of(w), perm[0], perm[1])
         # the grouped operand is [E, K, N]: N (dim 2) the output features, K (dim 1) the input's
         return WeightUse(self.param_of(w), perm[2], perm[1])
 
     def weight_views(self, node: fx.Node) -> list[fx.Node]:
         """The transposes between a LINEAR node's parameter and its weight operand, first first."""
-        if node.target is aten.linear.default:
-            return []
         return _through_transposes(node.args[1])[2]
 
     def bias_of(self, node: fx.Node) -> str | None:
@@ -118,7 +116,7 @@ def _classify(node: fx.Node, captured: Captured) -> Role:
         return Role.OTHER
     target = node.target
     is_param = lambda a: isinstance(a, fx.Node) and a.op == "placeholder" and a.name in captured.param_fqns  # noqa: E731
-    if target is aten.linear.default and is_param(node.args[1]):
+    if target is aten.linear.default and is_param(_through_transposes(node.args[1])[0]):
         return Role.LINEAR
     if is_grouped_mm(target) and len(node.args) > 2 and is_param(_through_transposes(node.args[1])[0]):
         return Role.LINEAR

@@ -1,19 +1,24 @@
-"""Placement rules for grouped (expert) matmuls and the chunks of a fused output.
+"""Placement rules for grouped (expert) matmuls, fused projections and the parts of their output.
 
 DTensor has no sharding rule for transformers' grouped-matmul fallback op and none that keeps a
-fused weight's `_StridedShard` layout through a matmul and a `chunk`; both run on local shards
-instead (`execute.dtensor_ops.LocalGroupedMM`, `LocalChunk`). These rules are the one statement
-of what such a local run produces, read by the simulator, the DTensor runtime and the lowering.
+fused weight's `_StridedShard` layout through a matmul (its `linear` decomposition folds and
+unfolds the batch dims and loses it) and a `chunk`/`split`; all run on local shards instead
+(`execute.dtensor_ops.LocalGroupedMM`, `LocalLinear`, `LocalChunk`). These rules are the one
+statement of what such a local run produces, read by the simulator, the DTensor runtime and the
+lowering.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
+aten = torch.ops.aten
 REPLICATE = Replicate()
+_PART_OPS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
 
 
 def grouped_mm_placement(x: Placement, w: Placement) -> Placement | None:
@@ -29,13 +34,47 @@ def grouped_mm_placement(x: Placement, w: Placement) -> Placement | None:
     return None
 
 
+def equal_parts(node: fx.Node) -> tuple[int, int] | None:
+    """(k, dim) when `node` cuts its input into k > 1 equal parts on `dim`: `chunk(x, k, dim)`,
+    `split(x, w // k, dim)` or `split_with_sizes(x, [w // k] * k, dim)` of a width w = k * (w // k)."""
+    if node.op != "call_function" or node.target not in _PART_OPS or not isinstance(node.args[0], fx.Node):
+        return None
+    val = node.args[0].meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        return None
+    dim %= val.ndim
+    width, how = val.shape[dim], node.args[1]
+    if not isinstance(width, int):
+        return None
+    if node.target is aten.chunk.default:
+        k = how
+    elif node.target is aten.split.Tensor:
+        k = width // how if isinstance(how, int) and how > 0 and width % how == 0 else 0
+    else:
+        k = len(how) if all(isinstance(h, int) and h == how[0] for h in how) and sum(how) == width else 0
+    return (k, dim) if isinstance(k, int) and k > 1 and width % k == 0 else None
+
+
+
 def fused_chunk(node: fx.Node, spec) -> bool:
-    """`chunk(x, k, dim)` of a value laid out `_StridedShard(dim, sf=k)`: k local parts, no communication."""
+    """Equal parts (`equal_parts`) of a value laid out `_StridedShard(dim, sf=k)`, cut in k on
+    that dim: k local parts, each `Shard(dim)`, no communication."""
     if not (isinstance(spec, DTensorSpec) and isinstance(spec.placements[0], _StridedShard)):
         return False
+    parts = equal_parts(node)
     p, ndim = spec.placements[0], len(spec.tensor_meta.shape)
-    chunks, dim = node.args[1], (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
-    return dim % ndim == p.dim % ndim and chunks == p.split_factor
+    return parts is not None and parts == (p.split_factor, p.dim % ndim)
+
+
+def fused_linear_placement(x: Placement, w: Placement, out_ndim: int) -> Placement | None:
+    """`linear(x, w)` with a fused weight `_StridedShard(0, sf=k)` (k parts split part by part) and
+    a whole input: the output's features laid out the same way, or None if it cannot be."""
+    if x.is_replicate() and isinstance(w, _StridedShard) and w.dim == 0:
+        return _StridedShard(out_ndim - 1, split_factor=w.split_factor)
+    return None
 
 
 def grouped_mm_spec(simulator, node: fx.Node, sim, operands) -> DTensorSpec:
@@ -60,3 +99,19 @@ def grouped_mm_spec(simulator, node: fx.Node, sim, operands) -> DTensorSpec:
     if isinstance(offs, DTensorSpec) and offs.placements != (REPLICATE,):
         simulator._move(sim, offs, (REPLICATE,), names[2] or node.name, node.name, planned=False)
     return simulator._spec(node.meta["val"], out)
+
+
+def fused_linear_spec(simulator, node: fx.Node, sim, operands: tuple, names: list) -> DTensorSpec:
+    """The simulator's step for a fused weight's linear on local shards: each rank's output holds
+    its slice of every part. Evenly only (the local product's shape says the global one), with
+    the bias laid out as the weight; else everything whole."""
+    x, w, b = operands
+    val = node.meta["val"]
+    out = fused_linear_placement(x.placements[0], w.placements[0], val.ndim)
+    width, parts = w.tensor_meta.shape[0], w.placements[0].split_factor
+    if out is None or width % (simulator.mesh.size() * parts) or isinstance(b, DTensorSpec) and b.placements != w.placements:
+        for i, spec in enumerate(operands):
+            if isinstance(spec, DTensorSpec) and spec.placements != (REPLICATE,):
+                simulator._move(sim, spec, (REPLICATE,), names[i] or node.name, node.name, planned=False)
+        return simulator._spec(val, REPLICATE)
+    return simulator._spec(val, out)

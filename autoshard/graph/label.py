@@ -25,6 +25,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ASSERT_OPS, GraphAnalysis, Role
+from autoshard.graph.grouped import equal_parts
 from autoshard.graph.simulate import PlacementSimulator, Simulation
 from autoshard.schema.units import chunk_block
 
@@ -88,10 +89,8 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
     cand = Candidate(kind="column_row", column_nodes=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
     params = {}
     for lin in group:
-        # fused parts are split part by part for expert weights only: a dense linear's strided
-        # output meets DTensor's views, which do not keep the layout (it stays whole instead)
         w, bias = analysis.weight(lin), analysis.bias_of(lin)
-        packed = packed_factor(lin) if lin.target is not torch.ops.aten.linear.default else 1
+        packed = packed_factor(lin)
         params[w.fqn] = _column(w.out_dim, packed)
         if bias:
             params[bias] = _column(0, packed)
@@ -159,18 +158,16 @@ _SAME_VALUE_OPS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, tor
 
 
 def packed_factor(linear: fx.Node) -> int:
-    """k when the linear's output is only ever cut into k equal chunks on the feature dim (a fused
-    gate|up or q|k|v projection read part by part), else 1."""
+    """k when the linear's output is only ever cut into k equal parts on the feature dim (a fused
+    gate|up or q|k|v projection read part by part: `chunk`, or `split` in equal sizes), else 1."""
     node = linear
     while len(node.users) == 1 and next(iter(node.users)).target in _SAME_VALUE_OPS:
         node = next(iter(node.users))
     ndim = node.meta["val"].ndim
     users = [u for u in node.users if u.target not in ASSERT_OPS]
-    if len(users) == 1 and users[0].target is torch.ops.aten.chunk.default:
-        chunks, dim = users[0].args[1], (users[0].args[2] if len(users[0].args) > 2 else 0)
-        width = node.meta["val"].shape[-1]
-        if dim % ndim == ndim - 1 and chunks > 1 and isinstance(width, int) and width % chunks == 0:
-            return chunks
+    parts = equal_parts(users[0]) if len(users) == 1 else None
+    if parts is not None and parts[1] == ndim - 1:
+        return parts[0]
     return 1
 
 

@@ -16,6 +16,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     changed |= drop_empty_cat_inputs(gm)
     changed |= log_sigmoid_as_softplus(gm)
     changed |= out_of_place_updates(gm)
+    changed |= addmm_as_linear(gm)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -143,6 +144,47 @@ def log_sigmoid_as_softplus(gm: torch.fx.GraphModule) -> bool:
             gm.graph.erase_node(node)
             changed = True
     return changed
+
+
+def addmm_as_linear(gm: torch.fx.GraphModule) -> bool:
+    """`addmm(b, x, W)` with a model weight `W` stored `[in, out]` (GPT-2's `Conv1D`) as
+    `linear(x, W.t(), b)`: the same product, in the form whose weight and feature dims the
+    passes know (the transpose runs on the weight's shards). Conv1D's fold of the batch dims
+    around it (`view(-1, in)` ... `view(*lead, out)`) goes too: `linear` takes N-d input, and the
+    features then stay the last dim all the way (where a fused output is cut into q, k, v)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
+            continue
+        bias, x, w = node.args[:3]
+        if len(node.args) > 3 or not (isinstance(w, torch.fx.Node) and w.op == "placeholder"):
+            continue  # beta/alpha given, or a product of two activations: left as it is
+        wv, bv = w.meta.get("val"), getattr(bias, "meta", {}).get("val")
+        if not (isinstance(wv, torch.Tensor) and wv.ndim == 2 and isinstance(bv, torch.Tensor) and bv.ndim == 1):
+            continue
+        result = node
+        unfold = next(iter(node.users)) if len(node.users) == 1 else None
+        if _is_view(x) and _is_view(unfold) and _dims(unfold) == _dims(x.args[0])[:-1] + _dims(node)[-1:]:
+            x, result = x.args[0], unfold
+        with gm.graph.inserting_before(node):
+            wt = gm.graph.call_function(aten.t.default, (w,))
+            new = gm.graph.call_function(aten.linear.default, (x, wt, bias))
+        wt.meta = {**w.meta, "val": wv.t()}
+        new.meta = dict(result.meta)
+        result.replace_all_uses_with(new)
+        if result is not node:
+            gm.graph.erase_node(result)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _is_view(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default)
+
+
+def _dims(node: torch.fx.Node) -> list[str]:
+    return [str(d) for d in node.meta["val"].shape]
 
 
 def out_of_place_updates(gm: torch.fx.GraphModule) -> bool:

@@ -15,8 +15,10 @@ Three ops are decided here rather than by the propagator, each for a stated reas
 - `cross_entropy_loss` on vocab-sharded logits runs as autoshard's vocab-parallel loss.
 - grouped (expert) matmuls run on local shards (runtime: `LocalGroupedMM`): DTensor has no rule
   for transformers' fallback op, and none for a fused weight's strided layout.
-- `chunk` of a fused output (`_StridedShard(d, sf=k)` cut in k on d) gives k `Shard(d)` parts
-  (runtime: `LocalChunk`): each rank's slice holds its share of every part, in order.
+- a linear with a fused weight (`_StridedShard(0, sf=k)`: q|k|v or gate|up split part by part)
+  runs on local shards (runtime: `LocalLinear`): DTensor's decomposition of it loses the layout.
+- `chunk`/equal `split` of a fused output (`_StridedShard(d, sf=k)` cut in k on d) gives k
+  `Shard(d)` parts (runtime: `LocalChunk`): each rank's slice holds its share of every part, in order.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.distributed.tensor._op_schema import OpSchema, RuntimeSchemaInfo
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
-from autoshard.graph.grouped import fused_chunk, grouped_mm_spec
+from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec
 from autoshard.schema.plan import Plan
 
 aten = torch.ops.aten
@@ -180,7 +182,7 @@ class PlacementSimulator:
             return self._linear(node, sim, operands)
         if is_grouped_mm(node.target):
             return grouped_mm_spec(self, node, sim, operands)
-        if node.target is aten.chunk.default and fused_chunk(node, operands.get(node.args[0].name)):
+        if fused_chunk(node, operands.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None):
             dim = operands[node.args[0].name].placements[0].dim
             return tuple(self._spec(v, Shard(dim)) for v in node.meta["val"])
         if node.target in ATTENTION_OPS:
@@ -282,6 +284,8 @@ class PlacementSimulator:
         x, w = args[0], args[1]
         b = args[2] if len(args) > 2 else None
         names = [a.name if isinstance(a, fx.Node) else None for a in node.args]
+        if isinstance(w.placements[0], _StridedShard):
+            return fused_linear_spec(self, node, sim, (x, w, b), names)
         try:
             wt = self._step(sim, node, aten.t.default, (w,), [names[1]])
             k, n = w.tensor_meta.shape[1], w.tensor_meta.shape[0]

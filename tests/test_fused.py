@@ -1,0 +1,86 @@
+"""Fused projections on real gloo: one linear whose output is cut into equal parts (GPT-2's
+`c_attn` split into q, k, v; Phi-3's `gate_up_proj` chunked into gate and up) split part by part,
+exact, and GPT-2's `Conv1D` (weight stored `[in, out]`, run as `addmm`) sharded like a linear.
+
+Each rank holds its slice of q, of k and of v (`_StridedShard(out_dim, sf=3)`), so the local
+output cuts into the parts' own shards with no communication; `state_dict()` and `full_tensor()`
+keep the original layout.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.helpers import comm_counts, run_and_compare, tp_mesh
+
+
+def _shard_family(model_type: str, lower: bool) -> dict:
+    import autoshard
+    from torch.distributed.tensor import DTensor
+
+    from tests.families import build_tiny, example_inputs
+
+    model, cfg = build_tiny(model_type)
+    ref = copy.deepcopy(model)
+    kw = example_inputs(cfg)
+    sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw, lower=lower)
+    res = run_and_compare(sharded, ref, kw)
+    params = dict(sharded.named_parameters())
+    ref_params = dict(ref.named_parameters())
+    res["plan"] = {f: p.placement for f, p in sharded.plan.params.items()}
+    res["local"] = {f: tuple(params[f].to_local().shape) for f in params if isinstance(params[f], DTensor)}
+    # the original layout, whatever the split: full_tensor() and state_dict() give the model's own tensor
+    res["full_ok"] = all(torch.equal(params[f].full_tensor(), ref_params[f].detach()) for f in res["local"])
+    state = sharded.state_dict()
+    res["state_ok"] = all(torch.equal(state[f].full_tensor() if isinstance(state[f], DTensor) else state[f], ref_params[f].detach())
+                          for f in res["local"] if f in state)
+    res["kind"] = sharded.execution.kind
+    res["notes"] = list(getattr(sharded, "lowering_notes", []))
+    with torch.no_grad():
+        res["forward_comms"], _ = comm_counts(lambda: sharded(**kw))
+    res["planned"] = sum(1 for b in sharded.plan.boundaries if b.collective == "all_reduce" and b.kind == "redistribute")
+    return res
+
+
+def _check_exact(r: dict, lower: bool) -> None:
+    assert r["logits_diff"] < 1e-5 and r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
+    assert not r["grad_missing"]
+    assert r["kind"] == ("lowered" if lower else "dtensor") and r["notes"] == [], r["notes"]
+    assert r["full_ok"] and r["state_ok"]
+    # the forward's collectives are the planned reduces and the vocab-parallel loss's two:
+    # nothing gathers a fused output to cut it
+    assert r["forward_comms"] == {"all_reduce": r["planned"] + 2}, (r["forward_comms"], r["planned"])
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_gpt2_conv1d_and_fused_qkv_tp2(ranks2, lower):
+    for r in ranks2.run(_shard_family, "gpt2", lower):
+        _check_exact(r, lower)
+        attn, mlp = "transformer.h.0.attn", "transformer.h.0.mlp"
+        # Conv1D weights are [in, out]: the column side splits dim 1, the row side dim 0
+        assert r["plan"][f"{attn}.c_attn.weight"] == "_StridedShard(1, sf=3)"
+        assert r["plan"][f"{attn}.c_attn.bias"] == "_StridedShard(0, sf=3)"
+        assert r["plan"][f"{attn}.c_proj.weight"] == "Shard(0)"
+        assert r["plan"][f"{mlp}.c_fc.weight"] == "Shard(1)" and r["plan"][f"{mlp}.c_proj.weight"] == "Shard(0)"
+        assert r["local"][f"{attn}.c_attn.weight"] == (64, 96)  # q, k, v: 32 columns of each
+        # 2 layers x (attention, MLP) row reduces, the two embeddings' masked partial sums
+        assert r["planned"] == 6, r
+
+
+def test_gpt2_fused_qkv_tp4(ranks4):
+    for r in ranks4.run(_shard_family, "gpt2", True):
+        _check_exact(r, True)
+        assert r["local"]["transformer.h.0.attn.c_attn.weight"] == (64, 48)
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_phi3_fused_gate_up_tp2(ranks2, lower):
+    for r in ranks2.run(_shard_family, "phi3", lower):
+        _check_exact(r, lower)
+        mlp = "model.layers.0.mlp"
+        assert r["plan"][f"{mlp}.gate_up_proj.weight"] == "_StridedShard(0, sf=2)"
+        assert r["plan"][f"{mlp}.down_proj.weight"] == "Shard(1)"
+        assert r["local"][f"{mlp}.gate_up_proj.weight"] == (128, 64)
