@@ -1,6 +1,7 @@
 """Fused projections on real gloo: one linear whose output is cut into equal parts (GPT-2's
 `c_attn` split into q, k, v; Phi-3's `gate_up_proj` chunked into gate and up) split part by part,
-exact, and GPT-2's `Conv1D` (weight stored `[in, out]`, run as `addmm`) sharded like a linear.
+exact, and GPT-2's `Conv1D` (weight stored `[in, out]`, run as `addmm`) sharded like a linear;
+a norm over a sharded width (OLMo-2's q/k norm over all heads) reduces its statistic across tp.
 
 Each rank holds its slice of q, of k and of v (`_StridedShard(out_dim, sf=3)`), so the local
 output cuts into the parts' own shards with no communication; `state_dict()` and `full_tensor()`
@@ -17,7 +18,7 @@ import torch
 from tests.helpers import comm_counts, run_and_compare, tp_mesh
 
 
-def _shard_family(model_type: str, lower: bool) -> dict:
+def _shard_family(model_type: str, lower: bool, stats: bool = False) -> dict:
     import autoshard
     from torch.distributed.tensor import DTensor
 
@@ -42,6 +43,8 @@ def _shard_family(model_type: str, lower: bool) -> dict:
     with torch.no_grad():
         res["forward_comms"], _ = comm_counts(lambda: sharded(**kw))
     res["planned"] = sum(1 for b in sharded.plan.boundaries if b.collective == "all_reduce" and b.kind == "redistribute")
+    if stats:
+        res["stats"] = [(b.bytes, b.collective) for b in sharded.plan.boundaries if "statistic" in b.reason]
     return res
 
 
@@ -84,3 +87,27 @@ def test_phi3_fused_gate_up_tp2(ranks2, lower):
         assert r["plan"][f"{mlp}.gate_up_proj.weight"] == "_StridedShard(0, sf=2)"
         assert r["plan"][f"{mlp}.down_proj.weight"] == "Shard(1)"
         assert r["local"][f"{mlp}.gate_up_proj.weight"] == (128, 64)
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_olmo2_qk_norm_over_the_sharded_width_tp2(ranks2, lower):
+    """OLMo-2 normalises q and k over all heads at once (RMSNorm of width heads x head_dim) after
+    the column projections: the mean square, one value per token, is averaged across tp and the
+    attention stays sharded (it was replicated whole). Lowered, the statistic's all-reduce
+    averages (sum / tp both ways) and the replicated statistic read by the shards gets partial
+    gradients, summed once."""
+    for r in ranks2.run(_shard_family, "olmo2", lower, stats=True):
+        _check_exact(r, lower)
+        attn = "model.layers.0.self_attn"
+        assert r["plan"][f"{attn}.q_proj.weight"] == "Shard(0)" and r["plan"][f"{attn}.o_proj.weight"] == "Shard(1)"
+        # per layer: q_norm's and k_norm's statistic, [batch, seq, 1] float32 each
+        assert r["stats"] == [(2 * 7 * 4, "all_reduce")] * 4, r["stats"]
+
+
+def test_olmo2_qk_norm_tp4_with_kv_heads_replicated(ranks4):
+    # 2 KV heads < tp 4: k (and its norm) whole on every rank, q and its norm still sharded
+    for r in ranks4.run(_shard_family, "olmo2", True, stats=True):
+        _check_exact(r, True)
+        assert r["plan"]["model.layers.0.self_attn.k_proj.weight"] == "Replicate()"
+        assert r["plan"]["model.layers.0.self_attn.q_proj.weight"] == "Shard(0)"
+        assert r["stats"] == [(2 * 7 * 4, "all_reduce")] * 2, r["stats"]

@@ -43,7 +43,9 @@ def _entry_node(analysis: GraphAnalysis, name: str, layout: str) -> str:
 
 
 def _exits(c: Candidate) -> list[str]:
-    return c.row_nodes if c.kind == "column_row" else c.column_nodes if c.kind == "embedding" else []
+    """Where a sharded region's partial sums are reduced: its row linears (or lookup), and the
+    statistics it reduces inside (a norm over the sharded width)."""
+    return c.row_nodes + c.reduces if c.kind == "column_row" else c.column_nodes if c.kind == "embedding" else c.reduces
 
 
 def entries(analysis, c: Candidate, layout: str) -> list[str]:
@@ -67,11 +69,13 @@ def region_boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked:
             if opt.name in ("gather", "column_gather"):
                 for n in c.column_nodes:
                     out[n] = REPLICATE  # logits gathered before the (replicated) loss
+            if opt.sharded:
+                out.update(dict.fromkeys(c.reduces, REPLICATE))
             continue
         if not opt.sharded:
             continue
         for e in _exits(c):
-            d = seq_dim(analysis, e) if layout == SP_STREAM else None
+            d = seq_dim(analysis, e) if layout == SP_STREAM and e not in c.reduces else None
             out[e] = Shard(d) if d is not None else REPLICATE
         if c.kind != "embedding":
             for x in c.inputs:
@@ -101,6 +105,8 @@ def boundary_plans(analysis: GraphAnalysis, sim: Simulation, regions: list[Candi
             roles.setdefault(_entry_node(analysis, x, layout), f"enter {name}: column linears read the whole activation")
         for e in c.row_nodes:
             roles[e] = f"leave {name}: reduce the row linear's partial sums"
+        for e in c.reduces:
+            roles[e] = f"inside {name}: a norm over the sharded width, its statistic (one value per token) averaged across tp"
         if c.kind == "embedding":
             roles[c.column_nodes[0]] = "vocab-parallel lookup: sum the masked partial rows"
         if picked[id(c)].name in ("gather", "column_gather"):

@@ -76,10 +76,11 @@ class Redistribute(RuntimeOp):
         whole = all(p.is_replicate() for p in self.placements)
         if tuple(x.placements) == self.placements and whole:
             return _reduce_grad_here(x)
-        if whole and any(isinstance(p, _MaskPartial) for p in x.placements):
-            # the vocab-parallel lookup's masked partial, reduced: if the rows go straight into
-            # column linears (a post-norm block), partial gradients come back, which DTensor cannot
-            # turn into a masked partial; sum them here (the embedding's backward all-reduce)
+        if whole and any(isinstance(p, _MaskPartial) or p == Partial("avg") for p in x.placements):
+            # the vocab-parallel lookup's masked partial, or a norm's mean over the sharded width,
+            # reduced: partial gradients come back from the sharded ops that read it (column
+            # linears after a post-norm block, the normalised shards), which DTensor cannot turn
+            # into a masked or averaged partial; sum them here (Megatron's backward all-reduce)
             return _reduce_grad_here(x.redistribute(self.mesh, self.placements))
         return x.redistribute(self.mesh, self.placements)
 

@@ -5,9 +5,11 @@ outputs back. Each value that carries a gradient gets one placement for it: `Rep
 rank holds the whole gradient), `Shard(d)` (its rows), or `Partial` (each rank a summand: a
 replicated value read by sharded ops). A boundary's backward collective follows from the
 placement its output's gradient has: an all-gather whose output gradient is partial is
-reduce-scattered back, one whose gradient is whole is only sliced. A value that receives
-gradients of two placements has no single backward collective: `LoweringError`, and the program
-stays on DTensors.
+reduce-scattered back, one whose gradient is whole is only sliced. A replicated value read both
+by sharded ops (partial gradients) and by whole ones (a whole gradient) gets partial ones: the
+whole gradient, divided by tp on its way back (`mixed`), is a summand too. A value that receives
+gradients of two other placements has no single backward collective: `LoweringError`, and the
+program stays on DTensors.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def boundary_gradient(src, dst, gk: Placement | None, where: str, error: type[Pl
         return REPLICATE if gk == PARTIAL else gk
     if src.is_shard() and dst == REPLICATE:
         return src
-    if src == PARTIAL and (dst.is_shard() or dst == REPLICATE):
+    if src.is_partial() and (dst.is_shard() and src == PARTIAL or dst == REPLICATE):  # Partial(avg): a norm's statistic
         return REPLICATE
     if src == REPLICATE and dst.is_shard():
         return PARTIAL
@@ -76,17 +78,21 @@ class GradientPlacements:
     def __init__(self, graph: fx.Graph, pl: dict, rg: dict, sharded_outputs: set[str], module_of: Callable,
                  error: type[PlanError] = PlanError):
         self.graph, self.pl, self.rg, self.sharded, self.module_of, self.error = graph, pl, rg, sharded_outputs, module_of, error
+        self.mixed: dict[fx.Node, list[fx.Node]] = {}  # replicated value -> users whose whole gradient is scaled to a summand
 
     def run(self) -> dict[fx.Node, Placement | None]:
         gk: dict[fx.Node, Placement | None] = {}
-        contrib: dict[fx.Node, set] = {}
+        contrib: dict[fx.Node, dict[fx.Node, Placement]] = {}  # value -> {user: the gradient it sends back}
         for node in reversed(list(self.graph.nodes)):
             if node.op == "output":
                 for a in node.all_input_nodes:
                     if self.rg.get(a):
-                        contrib.setdefault(a, set()).add(self.pl[a] if a.name in self.sharded and self.pl[a] is not None else REPLICATE)
+                        contrib.setdefault(a, {})[node] = self.pl[a] if a.name in self.sharded and self.pl[a] is not None else REPLICATE
                 continue
-            kinds = contrib.get(node, set())
+            kinds = set(contrib.get(node, {}).values())
+            if kinds == {PARTIAL, REPLICATE} and self.pl.get(node) == REPLICATE:
+                self.mixed[node] = [u for u, k in contrib[node].items() if k == REPLICATE]
+                kinds = {PARTIAL}
             if len(kinds) > 1:
                 raise self.error(f"{node.name} gets gradients laid out as {sorted(map(str, kinds))}: no single backward collective fits")
             gk[node] = next(iter(kinds)) if kinds and self.rg.get(node) else None
@@ -96,7 +102,7 @@ class GradientPlacements:
                 if self.rg.get(a):
                     c = self.contribution(node, a, gk[node])
                     if c is not None:
-                        contrib.setdefault(a, set()).add(c)
+                        contrib.setdefault(a, {})[node] = c
         return gk
 
     def contribution(self, user: fx.Node, inp: fx.Node, gk: Placement) -> Placement | None:

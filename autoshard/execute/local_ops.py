@@ -124,15 +124,27 @@ class _ReduceScatter(torch.autograd.Function):
 
 class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, reduce_grad):
-        ctx.group, ctx.reduce_grad = group, reduce_grad
-        return _wait(_c10d.all_reduce(x.contiguous(), "sum", group))
+    def forward(ctx, x, group, reduce_grad, parts):
+        ctx.group, ctx.reduce_grad, ctx.parts = group, reduce_grad, parts
+        out = _wait(_c10d.all_reduce(x.contiguous(), "sum", group))
+        return out / parts if parts != 1 else out
 
     @staticmethod
     def backward(ctx, g):
         if ctx.reduce_grad:
             g = _wait(_c10d.all_reduce(g.contiguous(), "sum", ctx.group))
-        return g, None, None
+        return (g / ctx.parts if ctx.parts != 1 else g), None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g / ctx.tp, None
 
 
 class _ReduceGrad(torch.autograd.Function):
@@ -170,10 +182,11 @@ def reduce_scatter(x, dim: int, tp: int, rank: int, group: str, padded: bool):
     return _ReduceScatter.apply(x, dim, tp, rank, group, padded)
 
 
-def all_reduce(x, group: str, reduce_grad: bool = False):
+def all_reduce(x, group: str, reduce_grad: bool = False, parts: int = 1):
     """Partial -> Replicate; the gradient of a sum is passed through, or all-reduced first when it
-    arrives as partial sums (`reduce_grad`: the sum feeds sharded ops directly)."""
-    return _AllReduce.apply(x, group, reduce_grad)
+    arrives as partial sums (`reduce_grad`: the sum feeds sharded ops directly). `parts` > 1:
+    `Partial(avg)` (the mean of `parts` equal shards' means), the sum divided by it both ways."""
+    return _AllReduce.apply(x, group, reduce_grad, parts)
 
 
 def reduce_grad(x, group: str):
@@ -184,6 +197,12 @@ def reduce_grad(x, group: str):
 def shard_local(x, dim: int, tp: int, rank: int, padded: bool):
     """Replicate -> Shard(dim) by slicing; the gradient (zero outside the slice) is a partial sum."""
     return _ShardLocal.apply(x, dim, tp, rank, padded)
+
+
+def scale_grad(x, tp: int):
+    """Identity forward; the (whole) gradient divided by `tp` in backward, so that summed over
+    the ranks with the partial gradients a replicated value's sharded readers send, it counts once."""
+    return _ScaleGrad.apply(x, tp)
 
 
 def partition_value(x, tp: int):

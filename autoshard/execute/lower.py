@@ -28,16 +28,15 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.execute import dtensor_ops as runtime
 from autoshard.execute import local_ops as rt
 from autoshard.execute.grad_placement import GradientPlacements, boundary_gradient, carries_gradient
+from autoshard.execute.local_placement import PARTIAL_AVG, forward_placements, global_value, local_placement
 from autoshard.execute.lowered_program import LoweredProgram, describe_collectives, dynamic_dims, param_grad_placements, sharded_outputs
 from autoshard.execute.sym_sizes import SizeEmitter
 from autoshard.schema.errors import PlanError
@@ -46,7 +45,6 @@ from autoshard.schema.placements import splits
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_start
 from autoshard.graph.analyse import embedding_args
-from autoshard.graph.grouped import fused_linear_placement, grouped_mm_placement
 from autoshard.graph.simulate import Simulation
 
 aten = torch.ops.aten
@@ -89,8 +87,10 @@ class _Lowering:
         self._placements()
         self._insert_conversions()
         self.carries_grad = carries_gradient(self.graph, self._val, self.captured)
-        self.grad_placement = GradientPlacements(self.graph, self.placement, self.carries_grad, set(self.plan.sharded_outputs),
-                                     lambda n: self.gm.get_submodule(n.target), LoweringError).run()
+        grads = GradientPlacements(self.graph, self.placement, self.carries_grad, set(self.plan.sharded_outputs),
+                                   lambda n: self.gm.get_submodule(n.target), LoweringError)
+        self.grad_placement = grads.run()
+        self._scale_whole_gradients(grads.mixed)
         self._rewrite()
         outputs, sizes = sharded_outputs(self.graph, self.placement, self._val, set(self.plan.sharded_outputs), LoweringError)
         self.graph.eliminate_dead_code()
@@ -99,6 +99,15 @@ class _Lowering:
         self.gm.recompile()
         return LoweredProgram(self.gm, param_grad_placements(self.graph, self.captured, self.placement, self.grad_placement), outputs, sizes,
                               dynamic_dims(self.graph, self.captured), describe_collectives(self.graph))
+
+    def _scale_whole_gradients(self, mixed: dict):
+        """A whole gradient joining partial ones (`GradientPlacements.mixed`) comes back divided by tp."""
+        for node, users in mixed.items():
+            for user in users:
+                with self.graph.inserting_before(user):
+                    new = self.graph.call_function(rt.scale_grad, (node, self.tp))
+                self.placement[new], self.carries_grad[new], self.grad_placement[new] = REPLICATE, True, REPLICATE
+                user.replace_input_with(node, new)
 
     def _drop_consistent_grads(self):
         """Local tensors carry their own strides: the DTensor program's gradient-layout guards go."""
@@ -113,74 +122,10 @@ class _Lowering:
             raise LoweringError(f"DTensor would add {r.collective} at {r.consumer} ({r.src} -> {r.dst}): not planned, not lowered")
 
     def _placements(self):
-        pre = {r.source: parse_placement(r.src) for r in self.sim.redistributions
-               if r.planned and r.consumer == r.source and "(" in r.src}
-        for node in self.graph.nodes:
-            if node.op == "placeholder":
-                spec = self.sim.specs.get(node.name)
-                self.placement[node] = self._norm(spec.placements[0], node) if isinstance(spec, DTensorSpec) else None
-            elif node.op == "call_module":
-                self.placement[node] = self._module_placement(node)
-            elif node.op == "call_function":
-                if node.name in pre:
-                    self.placement[node] = self._norm(pre[node.name], node)
-                    continue
-                spec = self.sim.specs.get(node.name)
-                if isinstance(spec, DTensorSpec):
-                    self.placement[node] = self._norm(spec.placements[0], node)
-                elif isinstance(spec, (tuple, list)):
-                    self.placement[node] = tuple(self._norm(s.placements[0], node, i) if isinstance(s, DTensorSpec) else None for i, s in enumerate(spec))
-                else:
-                    self.placement[node] = None
-            else:
-                self.placement[node] = None
-
-    def _module_placement(self, node):
-        mod = self.gm.get_submodule(node.target)
-        src = self.placement.get(node.args[0]) if node.args else None
-        if isinstance(mod, runtime.Redistribute):
-            return self._norm(mod.placements[0], node.args[0]) if src is not None else None
-        if isinstance(mod, runtime.ToReplicate):
-            return REPLICATE
-        if isinstance(mod, runtime.ToFull):
-            return None
-        if isinstance(mod, (runtime.LocalAttention, runtime.LocalMatmul)):
-            return self._norm(mod.placement, node.args[0]) if src is not None else None
-        if isinstance(mod, runtime.LocalGroupedMM):  # whole with split inputs would gather: an unplanned move, rejected above
-            return grouped_mm_placement(*(self.placement.get(a) or REPLICATE for a in node.args[:2])) or REPLICATE
-        if isinstance(mod, runtime.LocalLinear):
-            return fused_linear_placement(*(self.placement.get(a) or REPLICATE for a in node.args[:2]), self._val(node.args[0]).ndim) or REPLICATE
-        if isinstance(mod, runtime.LocalChunk):
-            return tuple(Shard(mod.dim) for _ in node.meta["val"])
-        if isinstance(mod, runtime.VocabParallelLoss):
-            return REPLICATE
-        if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results
-            val = node.meta.get("val")
-            if isinstance(val, (tuple, list)):
-                return tuple(REPLICATE if isinstance(v, torch.Tensor) else None for v in val)
-            return REPLICATE if isinstance(val, torch.Tensor) else None
-        raise LoweringError(f"unknown runtime module {type(mod).__name__} at {node.name}")
-
-    @staticmethod
-    def _norm(p: Placement, node: fx.Node, index: int | None = None) -> Placement:
-        if isinstance(p, _StridedShard):
-            return p
-        if not p.is_shard():
-            return REPLICATE if p.is_replicate() else PARTIAL
-        val = node.meta.get("val")
-        if index is not None and isinstance(val, (tuple, list)):
-            val = val[index]
-        ndim = val.ndim if isinstance(val, torch.Tensor) else None
-        return Shard(p.dim % ndim) if ndim and p.dim < 0 else Shard(p.dim)
+        self.placement = forward_placements(self.graph, self.sim, lambda n: self.gm.get_submodule(n.target), LoweringError)
 
     def _val(self, node: fx.Node):
-        if node.op == "call_module" and "val" in node.meta:  # an op run whole (ReplicatedLocal)
-            return node.meta["val"]
-        if node.op == "call_module":  # the other runtime modules keep their input's global shape
-            return self._val(node.args[0])
-        if node.op == "call_function" and node.target in (rt.shard_local, rt.partition_value):
-            return self._val(node.args[0])
-        return node.meta.get("val")
+        return global_value(node)
 
     # ---- conversions DTensor would do locally (slicing a replicated value) -----------------------
     def _made_explicit(self, node: fx.Node, move) -> bool:
@@ -209,7 +154,7 @@ class _Lowering:
                         continue  # the rewrite sliced it with a Redistribute: lowered as one
                     if src is None:
                         raise LoweringError(f"implicit redistribution of {r.source} at {node.name} not found in the graph")
-                    self._convert(node, src, self._norm(parse_placement(r.dst), src))
+                    self._convert(node, src, local_placement(parse_placement(r.dst), src))
 
     def _module_inputs(self, node):
         mod = self.gm.get_submodule(node.target)
@@ -272,8 +217,8 @@ class _Lowering:
             return rt.all_gather, (x, src.dim, self._global_size(x, src.dim), self.tp, self.rank, self.group, self._padded(x, src.dim), back)
         if src == PARTIAL and dst.is_shard():
             return rt.reduce_scatter, (x, dst.dim, self.tp, self.rank, self.group, self._padded(x, dst.dim))
-        if src == PARTIAL and dst == REPLICATE:  # partial gradients back (rows straight into column linears): summed
-            return rt.all_reduce, (x, self.group, gk == PARTIAL)
+        if src in (PARTIAL, PARTIAL_AVG) and dst == REPLICATE:  # partial gradients back (rows straight into column linears): summed
+            return rt.all_reduce, (x, self.group, gk == PARTIAL, self.tp if src == PARTIAL_AVG else 1)
         return rt.shard_local, (x, dst.dim, self.tp, self.rank, self._padded(x, dst.dim))  # REPLICATE -> Shard
 
     # ---- rewrite ----------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Candidate:
     nodes: set[str] = field(default_factory=set)   # interior nodes running on shards
     outputs: list[str] = field(default_factory=list)  # interior nodes returned by the graph
     loss_nodes: list[str] = field(default_factory=list)
+    reduces: list[str] = field(default_factory=list)  # interior statistics (one per token) all-reduced
     legal: bool = True
     reason: str = ""
     placements: dict[str, Placement] = field(default_factory=dict)  # parameter FQN -> placement in the region
@@ -133,7 +134,12 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if role is Role.LOSS:
             cand.loss_nodes.append(name)
         if isinstance(spec, DTensorSpec) and spec.placements[0].is_partial():
-            return _illegal(cand, f"{name} ({node.target}) produces a partial sum outside a row linear")
+            if not _per_token_statistic(node, result, sim.mesh.size(), set(cand.column_nodes)):
+                return _illegal(cand, f"{name} ({node.target}) produces a partial sum outside a row linear")
+            # an RMSNorm over the sharded width: its mean square, one value per token, is reduced
+            # across tp (a planned all-reduce) and the normalisation stays on the shards
+            cand.reduces.append(name)
+            sim.step(result, node, params, boundaries={name: REPLICATE}, nodes=region)
         for user in node.users:
             if user.name not in seen and analysis.roles[user.name] is not Role.ASSERT:
                 seen.add(user.name)
@@ -146,6 +152,29 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
             return _illegal(cand, "the sharded features never reach a row linear, a loss or an output")
     cand.reason = _why(cand, result)
     return cand
+
+
+def _per_token_statistic(node: fx.Node, sim: Simulation, tp: int, columns: set[str]) -> bool:
+    """A mean over the sharded last dim, kept as a size-1 dim, of a column linear's own output
+    (an RMSNorm's mean square over all heads at once: OLMo-2's q/k norm), of a width tp divides:
+    the local means of equal shards average to the global one. Not a norm of the residual stream
+    (a column output added to it): that would shard the stream on its features."""
+    if node.target is not torch.ops.aten.mean.dim or not isinstance(node.args[0], fx.Node):
+        return False
+    x = node.args[0]
+    while x.name not in columns:  # back through the norm's own one-operand steps (cast, square)
+        tensors = [a for a in x.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if x.op != "call_function" or len(tensors) != 1:
+            return False
+        x = tensors[0]
+    src = sim.specs.get(node.args[0].name)
+    if not isinstance(src, DTensorSpec) or not src.placements[0].is_shard():
+        return False
+    ndim, dims = len(src.tensor_meta.shape), node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    width = src.tensor_meta.shape[-1]
+    return (keepdim and [d % ndim for d in dims] == [ndim - 1] and src.placements[0].dim % ndim == ndim - 1
+            and width % tp == 0)
 
 
 def _column(dim: int, packed: int) -> Placement:

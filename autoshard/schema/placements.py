@@ -1,4 +1,5 @@
-"""Placements as the plan writes them: "Shard(0)", "Replicate()", "Partial()"."""
+"""Placements as the plan writes them: "Shard(0)", "Replicate()", "Partial()" (a sum; "Partial(avg)"
+for a mean of equal shards' means, a norm's statistic)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.schema.errors import PlanError
 
-_PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\(\)$")
+_PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\((avg)?\)$")
 
 
 def placement_str(p: Placement) -> str:
@@ -18,7 +19,7 @@ def placement_str(p: Placement) -> str:
     if isinstance(p, Shard):
         return f"Shard({p.dim})"
     if isinstance(p, Partial):
-        return "Partial()"
+        return "Partial(avg)" if p.reduce_op == "avg" else "Partial()"
     return "Replicate()"
 
 
@@ -34,7 +35,7 @@ def parse_placement(text: str) -> Placement:
         raise PlanError(f"not a placement: {text!r} (expected Shard(d), Replicate() or Partial())")
     if m.group(1):
         return Shard(int(m.group(2)))
-    return Replicate() if m.group(3) else Partial()
+    return Replicate() if m.group(3) else Partial(m.group(5) or "sum")
 
 
 def parse_placements(text: str) -> tuple[Placement, ...]:
