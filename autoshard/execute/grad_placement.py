@@ -69,6 +69,11 @@ def boundary_gradient(src, dst, gk: Placement | None, where: str, error: type[Pl
     raise error(f"{where}: no lowering for {src} -> {dst}")
 
 
+def _whole(p) -> bool:
+    """A replicated value, or a multi-output op's replicated results (a split of one)."""
+    return p == REPLICATE or isinstance(p, tuple) and all(q in (REPLICATE, None) for q in p) and REPLICATE in p
+
+
 class GradientPlacements:
     """`run()`: node -> the placement of its gradient (None: no gradient), from the outputs back.
 
@@ -90,7 +95,7 @@ class GradientPlacements:
                         contrib.setdefault(a, {})[node] = self.pl[a] if a.name in self.sharded and self.pl[a] is not None else REPLICATE
                 continue
             kinds = set(contrib.get(node, {}).values())
-            if kinds == {PARTIAL, REPLICATE} and self.pl.get(node) == REPLICATE:
+            if kinds == {PARTIAL, REPLICATE} and _whole(self.pl.get(node)):
                 self.mixed[node] = [u for u, k in contrib[node].items() if k == REPLICATE]
                 kinds = {PARTIAL}
             if len(kinds) > 1:

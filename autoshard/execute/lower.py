@@ -26,6 +26,7 @@ caller then keeps the DTensor program.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import fx
@@ -101,13 +102,19 @@ class _Lowering:
                               dynamic_dims(self.graph, self.captured), describe_collectives(self.graph))
 
     def _scale_whole_gradients(self, mixed: dict):
-        """A whole gradient joining partial ones (`GradientPlacements.mixed`) comes back divided by tp."""
+        """A whole gradient joining partial ones (`GradientPlacements.mixed`) comes back divided by tp
+        (after the `getitem` that takes it from a multi-output op: a split of a replicated value)."""
         for node, users in mixed.items():
             for user in users:
-                with self.graph.inserting_before(user):
-                    new = self.graph.call_function(rt.scale_grad, (node, self.tp))
+                after = user.target is operator.getitem
+                with (self.graph.inserting_after(user) if after else self.graph.inserting_before(user)):
+                    new = self.graph.call_function(rt.scale_grad, (user if after else node, self.tp))
                 self.placement[new], self.carries_grad[new], self.grad_placement[new] = REPLICATE, True, REPLICATE
-                user.replace_input_with(node, new)
+                if after:
+                    user.replace_all_uses_with(new, delete_user_cb=lambda n: n is not new)
+                    self.grad_placement[user] = PARTIAL
+                else:
+                    user.replace_input_with(node, new)
 
     def _drop_consistent_grads(self):
         """Local tensors carry their own strides: the DTensor program's gradient-layout guards go."""

@@ -44,6 +44,7 @@ class Candidate:
     outputs: list[str] = field(default_factory=list)  # interior nodes returned by the graph
     loss_nodes: list[str] = field(default_factory=list)
     reduces: list[str] = field(default_factory=list)  # interior statistics (one per token) all-reduced
+    failed_at: str | None = None       # the node that would need communication (an illegal candidate)
     legal: bool = True
     reason: str = ""
     placements: dict[str, Placement] = field(default_factory=dict)  # parameter FQN -> placement in the region
@@ -66,27 +67,58 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
     groups: dict[str, list[fx.Node]] = {}
     for lin in analysis.linears():
         groups.setdefault(lin.args[0].name, []).append(lin)
+    failed = []
     for x_name in sorted(groups, key=order.__getitem__):
         group = [n for n in groups[x_name] if n.name not in rows]
         if not group:
             continue
-        tried = _grow(analysis, simulator, order, group)
-        if not tried.legal and len(group) > 1:
-            singles = [_grow(analysis, simulator, order, [lin]) for lin in group]
-            legal = [c for c in singles if c.legal]
-            tried.reason = f"{tried.reason}; split per linear: {len(legal)} of {len(group)} legal alone"
-            candidates.append(tried)
-            candidates.extend(singles)
-            rows.update(r for c in legal for r in c.row_nodes)
-            continue
-        candidates.append(tried)
-        if tried.legal:
-            rows.update(tried.row_nodes)
+        found = _label_group(analysis, simulator, order, group, stats=False)
+        candidates.extend(found)
+        rows.update(r for c in found if c.legal for r in c.row_nodes)
+        if not any(c.legal for c in found):
+            failed.append(group)
+    # Second, a group that failed may shard with a norm over its sharded width reducing its
+    # statistic (OLMo-2's q/k norm), unless that would make a row of a linear that is itself a
+    # column elsewhere (MLA's q_b_proj: heads split beats a low-rank q_a_proj split with q_b as row)
+    starts = {n for c in candidates if c.legal for n in c.column_nodes}
+    for group in failed:
+        group = [n for n in group if n.name not in rows]
+        found = [c for c in _label_group(analysis, simulator, order, group, stats=True) if c.legal and c.reduces]
+        found = [c for c in found if not set(c.row_nodes) & starts]
+        candidates.extend(found)
+        rows.update(r for c in found for r in c.row_nodes)
+    _join_at_attention(analysis, simulator, order, candidates)
     candidates.extend(_embedding_candidate(analysis, simulator, n) for n in analysis.of_role(Role.EMBEDDING))
     return Labels(analysis, candidates)
 
 
-def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int], group: list[fx.Node]) -> Candidate:
+def _join_at_attention(analysis, simulator, order, candidates: list[Candidate]) -> None:
+    """Linears with different inputs whose outputs meet in one attention (MLA: q from q_b_proj, k
+    and v from kv_b_proj, each behind its own low-rank norm) shard as one region: a column group
+    whose K/V would be gathered at an attention another region shards is grown together with it."""
+    at = {n: c for c in candidates if c.legal and c.kind == "column_row" for n in c.nodes if analysis.roles[n] is Role.ATTENTION}
+    for b in [c for c in candidates if not c.legal and c.failed_at in at]:
+        a = at[b.failed_at]
+        if a not in candidates or set(b.column_nodes) & set(a.column_nodes):
+            continue
+        group = [analysis.nodes[n] for n in a.column_nodes + b.column_nodes]
+        joined = _grow(analysis, simulator, order, group, stats=bool(a.reduces))
+        if joined.legal:
+            candidates[candidates.index(a)] = joined
+            at.update({n: joined for n, c in at.items() if c is a})
+
+
+def _label_group(analysis, simulator, order, group: list[fx.Node], stats: bool) -> list[Candidate]:
+    """A column group's candidate; if it fails as a whole, also each linear alone."""
+    tried = _grow(analysis, simulator, order, group, stats)
+    if tried.legal or len(group) == 1:
+        return [tried]
+    singles = [_grow(analysis, simulator, order, [lin], stats) for lin in group]
+    tried.reason = f"{tried.reason}; split per linear: {sum(c.legal for c in singles)} of {len(group)} legal alone"
+    return [tried] + singles
+
+
+def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int], group: list[fx.Node], stats: bool = False) -> Candidate:
     cand = Candidate(kind="column_row", column_nodes=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
     params = {}
     for lin in group:
@@ -125,6 +157,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         moved = [r for r in result.redistributions[before:] if r.collective]
         if moved:
             r = moved[0]
+            cand.failed_at = name
             return _illegal(cand, f"{name} ({node.target}) would need {r.collective} of {r.source} ({r.src} -> {r.dst})")
         if is_row:
             if not (isinstance(spec, DTensorSpec) and spec.placements[0].is_partial()):
@@ -134,7 +167,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if role is Role.LOSS:
             cand.loss_nodes.append(name)
         if isinstance(spec, DTensorSpec) and spec.placements[0].is_partial():
-            if not _per_token_statistic(node, result, sim.mesh.size(), set(cand.column_nodes)):
+            if not (stats and _per_token_statistic(node, result, sim.mesh.size(), set(cand.column_nodes))):
                 return _illegal(cand, f"{name} ({node.target}) produces a partial sum outside a row linear")
             # an RMSNorm over the sharded width: its mean square, one value per token, is reduced
             # across tp (a planned all-reduce) and the normalisation stays on the shards

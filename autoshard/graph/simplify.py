@@ -17,6 +17,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     changed |= log_sigmoid_as_softplus(gm)
     changed |= out_of_place_updates(gm)
     changed |= addmm_as_linear(gm)
+    changed |= slice_fills_as_cat(gm)
     if changed:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -177,6 +178,62 @@ def addmm_as_linear(gm: torch.fx.GraphModule) -> bool:
         gm.graph.erase_node(node)
         changed = True
     return changed
+
+
+def slice_fills_as_cat(gm: torch.fx.GraphModule) -> bool:
+    """`e = x.new_empty(shape); e[..., :a].copy_(u); e[..., a:].copy_(w)` (DeepSeek's MLA key:
+    per-head nope part next to the rope part shared by all heads) as `cat([u, w], -1)`: the same
+    tensor, made by one op whose placement DTensor knows (heads split alike), where writes into
+    a fresh whole buffer would gather the heads. Only where the copies fill the buffer exactly,
+    in order, with values of its shape and dtype, and nothing reads it before the last one."""
+    changed = False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.new_empty.default, aten.empty.memory_format):
+            continue
+        val = node.meta.get("val")
+        fills = _fills(node, val)
+        if fills is None:
+            continue
+        last = max(order[c] for _, c, _ in fills)
+        readers = [u for u in node.users if u.target is not aten.slice.Tensor]
+        if any(order[u] < last for u in readers) or not readers:
+            continue
+        copies = [c for _, c, _ in fills]
+        with gm.graph.inserting_after(max(copies, key=order.__getitem__)):
+            cat = gm.graph.call_function(aten.cat.default, ([src for _, _, src in fills], val.ndim - 1))
+        cat.meta = dict(node.meta)
+        for u in readers:
+            u.replace_input_with(node, cat)
+        for sl, c, _ in fills:
+            gm.graph.erase_node(c)
+            gm.graph.erase_node(sl)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _fills(buffer, val):
+    """[(slice, copy_, source)] in order when every slice of `buffer` (last dim) is copied into once,
+    back to back from 0 to its width with sources of the slices' shapes and its dtype; else None."""
+    if not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
+        return None
+    fills = []
+    for sl in (u for u in buffer.users if u.target is aten.slice.Tensor):
+        dim, start, end = (list(sl.args[1:]) + [0, None, None])[:3]
+        users = list(sl.users)
+        if dim % val.ndim != val.ndim - 1 or len(users) != 1 or users[0].target is not aten.copy_.default or users[0].users:
+            return None
+        src = users[0].args[1]
+        sv = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if users[0].args[0] is not sl or not isinstance(sv, torch.Tensor) or sv.dtype != val.dtype or _dims(src) != _dims(sl):
+            return None
+        fills.append((start, min(end, val.shape[-1]), sl, users[0], src))
+    fills.sort(key=lambda f: f[0])
+    edges = [0] + [e for _, e, *_ in fills]
+    if not fills or any(f[0] != e for f, e in zip(fills, edges)) or edges[-1] != val.shape[-1]:
+        return None
+    return [(sl, c, src) for _, _, sl, c, src in fills]
 
 
 def _is_view(node) -> bool:
