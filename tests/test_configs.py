@@ -25,6 +25,9 @@ REAL = {
     "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", 30.5e9),
     "mistral-7b": ("MistralForCausalLM", 7.24e9),
     "mixtral-8x7b": ("MixtralForCausalLM", 46.7e9),
+    "deepseek-v3": ("DeepseekV3ForCausalLM", 671e9),
+    "gpt-oss-120b": ("GptOssForCausalLM", 116.8e9),
+    "olmo-2-32b": ("Olmo2ForCausalLM", 32.2e9),
 }
 TINY = {
     "tiny-llama": "LlamaForCausalLM",

@@ -18,6 +18,9 @@ Two kinds of config ship as ``*.json`` next to this module (package data):
   ``qwen3-30b-a3b``    Qwen/Qwen3-30B-A3B                   30.5B total / 3.3B active
   ``mistral-7b``       mistralai/Mistral-7B-v0.1 (v0.1)     7.24B
   ``mixtral-8x7b``     mistralai/Mixtral-8x7B-v0.1          46.7B
+  ``deepseek-v3``      deepseek-ai/DeepSeek-V3              671B (MLA, 256 experts + 1 shared, 3 dense)
+  ``gpt-oss-120b``     openai/gpt-oss-120b                  116.8B total / 5.1B active (128 experts)
+  ``olmo-2-32b``       allenai/OLMo-2-0325-32B              32.2B (q/k norm over all heads)
   ===================  ===================================  ===========================================
 
 * **Tiny** synthetic configs (``tiny-llama``, ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-mistral``,

@@ -88,6 +88,7 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
         candidates.extend(found)
         rows.update(r for c in found for r in c.row_nodes)
     _join_at_attention(analysis, simulator, order, candidates)
+    candidates.sort(key=lambda c: min(order[n] for n in c.column_nodes))  # layer by layer, as the graph runs
     candidates.extend(_embedding_candidate(analysis, simulator, n) for n in analysis.of_role(Role.EMBEDDING))
     return Labels(analysis, candidates)
 
