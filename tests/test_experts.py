@@ -86,3 +86,20 @@ def test_experts_split_inside_each_expert_tp2(ranks2, lower):
 def test_experts_split_inside_each_expert_tp4(ranks4):
     for name in MODELS:
         _check(ranks4.run(_shard_moe, name, True), 4, True)
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_gpt_oss_interleaved_gate_up_split_tp2(ranks2, lower):
+    """gpt-oss fuses gate and up interleaved (`gate_up[..., ::2]`, `gate_up[..., 1::2]`) in
+    `[E, H, 2I]` weights with biases: a plain split of 2I gives each rank whole (gate, up) pairs,
+    sliced locally; exact with the router whole and one reduce per MoE layer."""
+    from tests.test_fused import _check_exact, _shard_family
+
+    for r in ranks2.run(_shard_family, "gpt_oss", lower):
+        _check_exact(r, lower)
+        mlp = "model.layers.0.mlp"
+        assert r["plan"][f"{mlp}.experts.gate_up_proj"] == "Shard(2)"
+        assert r["plan"][f"{mlp}.experts.down_proj"] == "Shard(1)"
+        assert r["plan"][f"{mlp}.router.weight"] == "Replicate()"
+        e, h, two_i = r["local"][f"{mlp}.experts.gate_up_proj"]
+        assert (e, h) == (4, 64) and two_i * 2 == r["local"][f"{mlp}.experts.down_proj"][1] * 4

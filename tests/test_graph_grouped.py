@@ -81,3 +81,23 @@ def test_equal_parts_of_chunk_and_split():
     assert fused_linear_placement(R, _StridedShard(0, split_factor=3), 3) == _StridedShard(2, split_factor=3)
     assert fused_linear_placement(Shard(2), _StridedShard(0, split_factor=3), 3) is None
     assert fused_linear_placement(R, Shard(0), 3) is None  # a plain column linear: DTensor's own rule
+
+
+def test_interleaved_part_of_a_split_value():
+    from torch import fx
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    from autoshard.graph.grouped import interleaved_part
+
+    aten = torch.ops.aten
+    with fake_tp_mesh(2) as mesh:
+        val = torch.empty(6, 8)
+        spec = lambda p: DTensorSpec(mesh, (p,), TensorMeta(val.shape, val.stride(), val.dtype))  # noqa: E731
+        g = fx.Graph()
+        x = g.placeholder("x")
+        big = 2**63 - 1
+        assert interleaved_part(g.call_function(aten.slice.Tensor, (x, 1, 0, big, 2)), spec(Shard(1)), 2) == 1   # gate_up[..., ::2]
+        assert interleaved_part(g.call_function(aten.slice.Tensor, (x, -1, 1, big, 2)), spec(Shard(1)), 2) == 1  # gate_up[..., 1::2]
+        assert interleaved_part(g.call_function(aten.slice.Tensor, (x, 1, 0, 4)), spec(Shard(1)), 2) is None      # a block: not local
+        assert interleaved_part(g.call_function(aten.slice.Tensor, (x, 1, 0, big, 2)), spec(Replicate()), 2) is None
+        assert interleaved_part(g.call_function(aten.slice.Tensor, (x, 1, 0, big, 2)), spec(Shard(1)), 8) is None  # 8 % (8 * 2)

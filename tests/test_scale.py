@@ -229,7 +229,7 @@ def test_verify_plans_one_layer_more_and_agrees(name):
     assert result.plan.estimate["scaled"]["n_layers"] == 7
 
 
-@pytest.mark.parametrize("name", _configs(["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "olmo-2-32b"]))
+@pytest.mark.parametrize("name", _configs(["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b", "olmo-2-32b"]))
 def test_moe_parameters_per_rank_near_an_even_split(name):
     """Expert tensor parallel, MLA split by heads, a q/k norm over all heads reducing its
     statistic: at tp 8 a rank holds at most 1.15x of 1/8 of the parameters (experts replicated,

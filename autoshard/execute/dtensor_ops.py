@@ -268,6 +268,29 @@ class LocalChunk(RuntimeOp):
         return f"parts={self.parts}, dim={self.dim}"
 
 
+class LocalStridedSlice(RuntimeOp):
+    """`x[..., s::k]` of a value split on that dim in blocks of whole k-tuples (gpt-oss's interleaved
+    gate/up: `gate_up[..., ::2]`, `gate_up[..., 1::2]`): each rank's local slice is its shard of the
+    part (`graph.grouped.interleaved_part`). DTensor would gather the value to slice it."""
+
+    target = torch.ops.aten.slice.Tensor  # what the lowered program runs on the local shards
+
+    def __init__(self, dim: int, start: int, step: int):
+        super().__init__()
+        self.dim, self.start, self.step = dim, start, step
+
+    def forward(self, x, *_how):
+        shape = list(x.shape)
+        shape[self.dim] //= self.step
+        local = x.to_local(grad_placements=x.placements)
+        part = self.target(local, self.dim, self.start, None, self.step).contiguous()
+        return DTensor.from_local(part, x.device_mesh, (Shard(self.dim),), run_check=False, shape=torch.Size(shape),
+                                  stride=make_contiguous_strides_for(shape))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, start={self.start}, step={self.step}"
+
+
 def _grads_of(ins: tuple, out: Placement) -> tuple:
     """Gradient placements of local_map operands: an operand whole on every rank, next to a split
     output, gets on each rank only its shard's share of the gradient (partial, summed later)."""

@@ -88,6 +88,8 @@ def _module_placement(node: fx.Node, mod, placement: dict, error: type[PlanError
         return fused_linear_placement(*have, global_value(node.args[0]).ndim) or REPLICATE
     if isinstance(mod, runtime.LocalChunk):
         return tuple(Shard(mod.dim) for _ in node.meta["val"])
+    if isinstance(mod, runtime.LocalStridedSlice):
+        return Shard(mod.dim)
     if isinstance(mod, runtime.VocabParallelLoss):
         return REPLICATE
     if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results

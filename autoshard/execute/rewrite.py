@@ -27,11 +27,11 @@ from autoshard.schema.errors import PlanError
 from autoshard.ops.layout import stride_order
 from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, is_grouped_mm
 from autoshard.graph.capture import Captured, retarget_devices
-from autoshard.graph.grouped import equal_parts, fused_chunk
+from autoshard.graph.grouped import equal_parts, fused_chunk, interleaved_part
 from autoshard.graph.simulate import Simulation
 from autoshard.graph.simplify import view_root
 from autoshard.schema.plan import Plan, parse_placement
-from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalLinear, LocalMatmul, Redistribute, ReplicatedLocal,
+from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalLinear, LocalMatmul, LocalStridedSlice, Redistribute, ReplicatedLocal,
                                            ToFull, ToReplicate, VocabParallelLoss)
 
 aten = torch.ops.aten
@@ -196,6 +196,8 @@ def _local_experts(g: _Editing, sim: Simulation) -> None:
             local.append((node, LocalLinear(), "fused_linear"))
         elif node.args and fused_chunk(node, _spec(sim, node.args[0])):
             local.append((node, LocalChunk(*equal_parts(node)), "fused_parts"))
+        elif node.args and (d := interleaved_part(node, _spec(sim, node.args[0]), g.mesh.size())) is not None:
+            local.append((node, LocalStridedSlice(d, node.args[2], node.args[4]), "interleaved_part"))
     for node, mod, prefix in local:
         args, kwargs = ((node.args[0],), {}) if isinstance(mod, LocalChunk) else (tuple(node.args), dict(node.kwargs))
         with g.graph.inserting_before(node):

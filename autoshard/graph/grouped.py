@@ -69,6 +69,22 @@ def fused_chunk(node: fx.Node, spec) -> bool:
     return parts is not None and parts == (p.split_factor, p.dim % ndim)
 
 
+def interleaved_part(node: fx.Node, spec, tp: int) -> int | None:
+    """The dim of `x[..., s::k]` (0 <= s < k) of a value split evenly on that dim in blocks of whole
+    k-tuples (gpt-oss's gate/up, fused interleaved: `gate_up[..., ::2]`): each rank's slice of the
+    part is its local slice, no communication. None if not that."""
+    if node.target is not aten.slice.Tensor or not (isinstance(spec, DTensorSpec) and spec.placements[0].is_shard()):
+        return None
+    ndim = len(spec.tensor_meta.shape)
+    dim, start, end, step = (list(node.args[1:]) + [0, 0, None, 1])[:4]
+    d = spec.placements[0].dim % ndim
+    width = spec.tensor_meta.shape[d]
+    whole = end is None or isinstance(end, int) and end >= width
+    if dim % ndim != d or not (isinstance(step, int) and step > 1 and isinstance(start, int) and 0 <= start < step and whole):
+        return None
+    return d if width % (tp * step) == 0 else None
+
+
 def fused_linear_placement(x: Placement, w: Placement, out_ndim: int) -> Placement | None:
     """`linear(x, w)` with a fused weight `_StridedShard(0, sf=k)` (k parts split part by part) and
     a whole input: the output's features laid out the same way, or None if it cannot be."""

@@ -18,7 +18,8 @@ Three ops are decided here rather than by the propagator, each for a stated reas
 - a linear with a fused weight (`_StridedShard(0, sf=k)`: q|k|v or gate|up split part by part)
   runs on local shards (runtime: `LocalLinear`): DTensor's decomposition of it loses the layout.
 - `chunk`/equal `split` of a fused output (`_StridedShard(d, sf=k)` cut in k on d) gives k
-  `Shard(d)` parts (runtime: `LocalChunk`): each rank's slice holds its share of every part, in order.
+  `Shard(d)` parts (runtime: `LocalChunk`): each rank's slice holds its share of every part, in order;
+  so does `x[..., s::k]` of a value split in blocks of whole k-tuples (interleaved parts, `LocalStridedSlice`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch.distributed.tensor._op_schema import OpSchema, RuntimeSchemaInfo
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
-from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec
+from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part
 from autoshard.schema.plan import Plan
 
 aten = torch.ops.aten
@@ -185,6 +186,9 @@ class PlacementSimulator:
         if fused_chunk(node, operands.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None):
             dim = operands[node.args[0].name].placements[0].dim
             return tuple(self._spec(v, Shard(dim)) for v in node.meta["val"])
+        d = interleaved_part(node, operands.get(node.args[0].name), self.mesh.size()) if isinstance(node.args[0], fx.Node) else None
+        if d is not None:
+            return self._spec(node.meta["val"], Shard(d))
         if node.target in ATTENTION_OPS:
             return self._attention(node, sim, operands)
         if node.target is aten.matmul.default and self._batch_sharded_matmul(node, operands):
