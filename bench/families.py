@@ -108,6 +108,26 @@ def _verdict_cell(rec: dict | None) -> str:
     return v
 
 
+def _split_section(latest: dict) -> list[str]:
+    """How many families that build hold at most 1/tp + 5 % of the parameters per rank, and which do not."""
+    out = ["", "## Parameters per rank", "",
+           "Families whose tiny model builds and shards (a `params/rank` figure, from the DTensor run), by the",
+           "fraction of the model's parameter bytes rank 0 holds; the target is at most 1/tp + 5 %. Tiny models",
+           "over-weight norms, biases and small tables: a 64-wide model's norm is a larger share than a 4096-wide one's.", "",
+           "| tp | families | at most 1/tp + 5 % | share |", "|---|---|---|---|"]
+    over = {}
+    for tp in sorted({tp for _, tp, _ in latest}):
+        fracs = {m: r["param_fraction"] for (m, t, lower), r in latest.items() if t == tp and not lower and "param_fraction" in r}
+        ok = [m for m, f in fracs.items() if f <= 1 / tp + 0.05]
+        over[tp] = sorted(((f, m) for m, f in fracs.items() if f > 1 / tp + 0.05), reverse=True)
+        out.append(f"| {tp} | {len(fracs)} | {len(ok)} | {100 * len(ok) / max(len(fracs), 1):.0f} % |")
+    for tp, rows in over.items():
+        if rows:
+            out += ["", f"Above 1/tp + 5 % at tp {tp} (why: the family's row below): "
+                    + ", ".join(f"{m} {f:.2f}" for f, m in rows)]
+    return out
+
+
 def write_markdown(records: list[dict], path: str = OUT) -> None:
     from tests.families import families
 
@@ -137,6 +157,7 @@ def write_markdown(records: list[dict], path: str = OUT) -> None:
         for lower in (False, True):
             if any(k[0] == tp and k[1] == lower for k in counts):
                 lines.append(f"| {tp} | {'lowered' if lower else 'DTensor'} | " + " | ".join(str(counts.get((tp, lower, v), 0)) for v in vs) + " |")
+    lines += _split_section(latest)
     fallbacks = collections.Counter()
     for (m, tp, lower), r in latest.items():
         for note in r.get("lowering_notes") or []:

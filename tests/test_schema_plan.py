@@ -136,3 +136,21 @@ def _hf_default_inputs():
 def test_transformers_models_need_no_example_inputs(ranks2):
     # also called with another batch and sequence length than the derived example
     assert max(ranks2.run(_hf_default_inputs)) < ATOL
+
+
+def test_to_parallelize_plan_refuses_a_fused_split_it_cannot_express():
+    """nanoGPT's c_attn is split part by part (_StridedShard): ColwiseParallel would cut q|k|v
+    contiguously, so the export is refused, naming the weight, instead of being silently wrong."""
+    from autoshard.schema.errors import PlanError
+    from tests.models.nanogpt import GPT, GPTConfig
+    from tests.passes import fake_tp_mesh
+
+    import autoshard
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())
+    idx = torch.randint(0, 96, (2, 7))
+    with fake_tp_mesh(2) as mesh:
+        plan = autoshard.plan(model, mesh, (idx, idx))
+    with pytest.raises(PlanError, match=r"transformer\.h\.0\.attn\.c_attn\.weight \(_StridedShard\(0, sf=3\)"):
+        plan.to_parallelize_plan()

@@ -6,6 +6,11 @@ global shape: local tensors between layers break HF rotary and uneven sequence s
 `implicit_replication()` (HF builds masks and rotary tables as plain tensors).
 Tied parameters: `parallelize_module` re-registers parameters, so re-tie them afterwards
 (e.g. `model.lm_head.weight = model.model.embed_tokens.weight`).
+
+`ColwiseParallel`/`RowwiseParallel` split dim 0 / dim 1 of an `nn.Linear` weight, contiguously. A
+plan that splits a weight otherwise — a fused projection part by part (`_StridedShard`), GPT-2's
+`Conv1D` (`[in, out]`), 3-D expert weights — has no `ParallelStyle` equivalent: exporting it is
+refused, naming the weights, rather than handing over a dict that would split them wrongly.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def _module(fqn: str) -> str:
 
 
 def to_parallelize_plan(plan: Plan) -> dict:
+    _refuse_without_style(plan)
     stream = Replicate()
     if plan.stream == "sequence_parallel":
         dims = [parse_placement(b.dst) for b in plan.boundaries if b.kind == "redistribute" and b.dst.startswith("Shard")]
@@ -56,6 +62,24 @@ def to_parallelize_plan(plan: Plan) -> dict:
         else:
             styles[mod] = ReplicateParameters()
     return styles
+
+
+def _refuse_without_style(plan: Plan) -> None:
+    from autoshard.schema.errors import PlanError
+
+    odd = []
+    for r in plan.regions:
+        if r.strategy != "sharded" or r.kind == "embedding":
+            continue
+        for fqns, style in ((r.column, "Shard(0)"), (r.row, "Shard(1)")):
+            for fqn in fqns:
+                p = plan.params.get(fqn)
+                if p is not None and (len(p.shape) != 2 or p.placement not in (style, "Replicate()")) and not fqn.endswith(".bias"):
+                    odd.append(f"{fqn} ({p.placement} of {'x'.join(map(str, p.shape))})")
+    if odd:
+        raise PlanError("no ParallelStyle splits these weights as the plan does (ColwiseParallel/RowwiseParallel split an "
+                        f"nn.Linear weight's dim 0/1 contiguously): {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}; "
+                        "apply the plan with autoshard(model, mesh, plan=plan) instead")
 
 
 def _is_stream_norm(plan: Plan, fqn: str) -> bool:
