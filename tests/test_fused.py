@@ -10,6 +10,7 @@ keep the original layout.
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -42,7 +43,9 @@ def _shard_family(model_type: str, lower: bool, stats: bool = False) -> dict:
     res["notes"] = list(getattr(sharded, "lowering_notes", []))
     with torch.no_grad():
         res["forward_comms"], _ = comm_counts(lambda: sharded(**kw))
-    res["planned"] = sum(1 for b in sharded.plan.boundaries if b.collective == "all_reduce" and b.kind == "redistribute")
+    planned = collections.Counter(b.collective for b in sharded.plan.boundaries if b.collective and b.kind == "redistribute")
+    res["planned"] = planned["all_reduce"]
+    res["expected_comms"] = dict(planned + collections.Counter({"all_reduce": 2}))  # the vocab-parallel loss's two
     if stats:
         res["stats"] = [(b.bytes, b.collective) for b in sharded.plan.boundaries if "statistic" in b.reason]
     return res
@@ -55,7 +58,7 @@ def _check_exact(r: dict, lower: bool) -> None:
     assert r["full_ok"] and r["state_ok"]
     # the forward's collectives are the planned reduces and the vocab-parallel loss's two:
     # nothing gathers a fused output to cut it
-    assert r["forward_comms"] == {"all_reduce": r["planned"] + 2}, (r["forward_comms"], r["planned"])
+    assert r["forward_comms"] == r["expected_comms"], (r["forward_comms"], r["expected_comms"])
 
 
 @pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
@@ -111,3 +114,14 @@ def test_olmo2_qk_norm_tp4_with_kv_heads_replicated(ranks4):
         assert r["plan"]["model.layers.0.self_attn.k_proj.weight"] == "Replicate()"
         assert r["plan"]["model.layers.0.self_attn.q_proj.weight"] == "Shard(0)"
         assert r["stats"] == [(2 * 7 * 4, "all_reduce")] * 2, r["stats"]
+
+
+def test_bitnet_sub_norms_before_the_row_linears_tp2(ranks2):
+    """BitNet normalises the attention output and the MLP's gated product (over the sharded width)
+    right before the row linears: each statistic is averaged across tp, both blocks stay sharded."""
+    for r in ranks2.run(_shard_family, "bitnet", True, stats=True):
+        _check_exact(r, True)
+        layer = "model.layers.0"
+        assert r["plan"][f"{layer}.self_attn.o_proj.weight"] == "Shard(1)"
+        assert r["plan"][f"{layer}.mlp.down_proj.weight"] == "Shard(1)"
+        assert len(r["stats"]) == 4 and all(c == "all_reduce" for _, c in r["stats"]), r["stats"]  # 2 layers x 2 norms

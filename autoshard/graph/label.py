@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import networkx as nx
 import torch
 from torch import fx
 from torch.distributed.tensor import Replicate, Shard
@@ -168,7 +169,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
         if role is Role.LOSS:
             cand.loss_nodes.append(name)
         if isinstance(spec, DTensorSpec) and spec.placements[0].is_partial():
-            if not (stats and _per_token_statistic(node, result, sim.mesh.size(), set(cand.column_nodes))):
+            if not (stats and _per_token_statistic(analysis, node, result, sim.mesh.size(), region, set(cand.column_nodes))):
                 return _illegal(cand, f"{name} ({node.target}) produces a partial sum outside a row linear")
             # an RMSNorm over the sharded width: its mean square, one value per token, is reduced
             # across tp (a planned all-reduce) and the normalisation stays on the shards
@@ -188,19 +189,16 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
     return cand
 
 
-def _per_token_statistic(node: fx.Node, sim: Simulation, tp: int, columns: set[str]) -> bool:
-    """A mean over the sharded last dim, kept as a size-1 dim, of a column linear's own output
-    (an RMSNorm's mean square over all heads at once: OLMo-2's q/k norm), of a width tp divides:
-    the local means of equal shards average to the global one. Not a norm of the residual stream
-    (a column output added to it): that would shard the stream on its features."""
+def _per_token_statistic(analysis: GraphAnalysis, node: fx.Node, sim: Simulation, tp: int, region: set[str], columns: set[str]) -> bool:
+    """A mean over the sharded last dim, kept as a size-1 dim, of a width tp divides (the local
+    means of equal shards average to the global one): an RMSNorm's mean square over all heads at
+    once (OLMo-2's q/k norm, BitNet's norm of the attention output). Only of values the region
+    computes from its column outputs, tables and masks: not of a column output added to the
+    residual stream, which would shard the stream on its features."""
     if node.target is not torch.ops.aten.mean.dim or not isinstance(node.args[0], fx.Node):
         return False
-    x = node.args[0]
-    while x.name not in columns:  # back through the norm's own one-operand steps (cast, square)
-        tensors = [a for a in x.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if x.op != "call_function" or len(tensors) != 1:
-            return False
-        x = tensors[0]
+    if _reads_outside_activation(analysis, node.args[0], region, columns):
+        return False
     src = sim.specs.get(node.args[0].name)
     if not isinstance(src, DTensorSpec) or not src.placements[0].is_shard():
         return False
@@ -209,6 +207,24 @@ def _per_token_statistic(node: fx.Node, sim: Simulation, tp: int, columns: set[s
     width = src.tensor_meta.shape[-1]
     return (keepdim and [d % ndim for d in dims] == [ndim - 1] and src.placements[0].dim % ndim == ndim - 1
             and width % tp == 0)
+
+
+def _reads_outside_activation(analysis: GraphAnalysis, start: fx.Node, region: set[str], columns: set[str]) -> bool:
+    """Does `start` depend, inside the region and short of its column linears, on a value from
+    outside that is itself computed from parameters (an activation, not a rotary table or mask)?"""
+    seen, todo = set(), [start]
+    while todo:
+        x = todo.pop()
+        if x.name in seen or x.name in columns:
+            continue
+        seen.add(x.name)
+        for a in x.all_input_nodes:
+            if a.name in region:
+                todo.append(a)
+            elif analysis.roles[a.name] is not Role.PARAM and any(
+                    analysis.roles[n] is Role.PARAM for n in nx.ancestors(analysis.dag, a.name)):
+                return True
+    return False
 
 
 def _column(dim: int, packed: int) -> Placement:
