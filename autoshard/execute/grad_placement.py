@@ -69,6 +69,15 @@ def boundary_gradient(src, dst, gk: Placement | None, where: str, error: type[Pl
     raise error(f"{where}: no lowering for {src} -> {dst}")
 
 
+def _writes_gradient(node: fx.Node, rg: dict) -> bool:
+    """An in-place aten op writing into a value that carries a gradient."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if not (schema and schema.arguments and node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    alias = schema.arguments[0].alias_info
+    return bool(alias and alias.is_write) and bool(rg.get(node.args[0]) or rg.get(node))
+
+
 def _whole(p) -> bool:
     """A replicated value, or a multi-output op's replicated results (a split of one)."""
     return p == REPLICATE or isinstance(p, tuple) and all(q in (REPLICATE, None) for q in p) and REPLICATE in p
@@ -84,6 +93,9 @@ class GradientPlacements:
                  error: type[PlanError] = PlanError):
         self.graph, self.pl, self.rg, self.sharded, self.module_of, self.error = graph, pl, rg, sharded_outputs, module_of, error
         self.mixed: dict[fx.Node, list[fx.Node]] = {}  # replicated value -> users whose whole gradient is scaled to a summand
+        # a write into a tensor that carries a gradient (RWKV's `output[:, t] = ...`) adds gradient
+        # paths the dataflow edges do not show: mixed gradients are then left unreconciled
+        self.writes = [n.name for n in graph.nodes if _writes_gradient(n, rg)]
 
     def run(self) -> dict[fx.Node, Placement | None]:
         gk: dict[fx.Node, Placement | None] = {}
@@ -95,7 +107,7 @@ class GradientPlacements:
                         contrib.setdefault(a, {})[node] = self.pl[a] if a.name in self.sharded and self.pl[a] is not None else REPLICATE
                 continue
             kinds = set(contrib.get(node, {}).values())
-            if kinds == {PARTIAL, REPLICATE} and _whole(self.pl.get(node)):
+            if kinds == {PARTIAL, REPLICATE} and _whole(self.pl.get(node)) and not self.writes:
                 self.mixed[node] = [u for u, k in contrib[node].items() if k == REPLICATE]
                 kinds = {PARTIAL}
             if len(kinds) > 1:

@@ -245,11 +245,17 @@ class _Lowering:
             new.meta["val"] = val
         for d in (self.placement, self.carries_grad, self.grad_placement):
             d[new] = d.get(node)
-        node.replace_all_uses_with(new)
-        self.graph.erase_node(node)
+        self._erase(node, new)
         return new
 
     def _drop(self, node, value):
+        self._erase(node, value)
+
+    def _erase(self, node, value):
+        """Uses of `node` read `value`; sizes emitted later go where `node` was (an erased anchor
+        would unlink them and what was inserted before it)."""
+        if self.sizes.anchor is node:
+            self.sizes.anchor = node.next
         node.replace_all_uses_with(value)
         self.graph.erase_node(node)
 
