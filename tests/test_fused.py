@@ -76,6 +76,7 @@ def test_gpt2_conv1d_and_fused_qkv_tp2(ranks2, lower):
         assert r["planned"] == 6, r
 
 
+@pytest.mark.slow  # tp 2 covers the rule on every CI run; this width, with the full sweep
 def test_gpt2_fused_qkv_tp4(ranks4):
     for r in ranks4.run(_shard_family, "gpt2", True):
         _check_exact(r, True)
@@ -107,6 +108,7 @@ def test_olmo2_qk_norm_over_the_sharded_width_tp2(ranks2, lower):
         assert r["stats"] == [(2 * 7 * 4, "all_reduce")] * 4, r["stats"]
 
 
+@pytest.mark.slow  # tp 2 covers the rule on every CI run; this width, with the full sweep
 def test_olmo2_qk_norm_tp4_with_kv_heads_replicated(ranks4):
     # 2 KV heads < tp 4: k (and its norm) whole on every rank, q and its norm still sharded
     for r in ranks4.run(_shard_family, "olmo2", True, stats=True):

@@ -28,11 +28,13 @@ def test_deepseek_v3_mla_heads_split_tp2(ranks2, lower):
         assert r["local"]["model.layers.0.self_attn.kv_b_proj.weight"][0] * 2 == 4 * 32, r["local"]
 
 
+@pytest.mark.slow  # tp 2 covers the rule on every CI run; this width, with the full sweep
 def test_deepseek_v3_mla_tp4(ranks4):
     for r in ranks4.run(_shard_family, "deepseek_v3", True):
         _check_mla(r, True)
 
 
+@pytest.mark.slow  # DeepSeek-V3 covers MLA on every CI run; MiniCPM3 with the full sweep
 def test_minicpm3_mla_tp2(ranks2):
     for r in ranks2.run(_shard_family, "minicpm3", True):
         _check_mla(r, True)
