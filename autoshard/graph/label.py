@@ -197,16 +197,16 @@ def _per_token_statistic(analysis: GraphAnalysis, node: fx.Node, sim: Simulation
     residual stream, which would shard the stream on its features."""
     if node.target is not torch.ops.aten.mean.dim or not isinstance(node.args[0], fx.Node):
         return False
-    if _reads_outside_activation(analysis, node.args[0], region, columns):
-        return False
     src = sim.specs.get(node.args[0].name)
     if not isinstance(src, DTensorSpec) or not src.placements[0].is_shard():
         return False
     ndim, dims = len(src.tensor_meta.shape), node.args[1]
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     width = src.tensor_meta.shape[-1]
-    return (keepdim and [d % ndim for d in dims] == [ndim - 1] and src.placements[0].dim % ndim == ndim - 1
-            and width % tp == 0)
+    shape_ok = (keepdim and [d % ndim for d in dims] == [ndim - 1] and src.placements[0].dim % ndim == ndim - 1
+                and width % tp == 0)
+    # the dataflow walk (graph ancestors) last: only for a mean that is otherwise a statistic
+    return bool(shape_ok) and not _reads_outside_activation(analysis, node.args[0], region, columns)
 
 
 def _reads_outside_activation(analysis: GraphAnalysis, start: fx.Node, region: set[str], columns: set[str]) -> bool:
