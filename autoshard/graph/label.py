@@ -84,6 +84,8 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
     starts = {n for c in candidates if c.legal for n in c.column_nodes}
     for group in failed:
         group = [n for n in group if n.name not in rows]
+        if not group:  # all of it became rows of a region found in this pass
+            continue
         found = [c for c in _label_group(analysis, simulator, order, group, stats=True) if c.legal and c.reduces]
         found = [c for c in found if not set(c.row_nodes) & starts]
         candidates.extend(found)
