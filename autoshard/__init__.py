@@ -5,8 +5,10 @@
 """
 
 from autoshard.api import autoshard, plan
+from autoshard.distributed.load import load
+from autoshard.execute.materialize import meta_init
 from autoshard.schema.errors import PlanError
 from autoshard.schema.plan import Plan
 
-__all__ = ["autoshard", "plan", "Plan", "PlanError"]
+__all__ = ["autoshard", "plan", "load", "meta_init", "Plan", "PlanError"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from autoshard.choose import choose
 from autoshard.choose.diagnose import refuse_fallbacks
 from autoshard.distributed.agree import agree_across_ranks, check_plan_matches
+from autoshard.distributed.load import load
 from autoshard.distributed.fsdp import cast_parameters, data_parallel, resolve_fsdp
 from autoshard.distributed.mesh import mesh_info, tensor_parallel_mesh
 from autoshard.distributed.parameters import distribute_parameters
@@ -109,6 +110,7 @@ def autoshard(
     memory_budget=None,
     compile: bool | dict = False,
     lower: bool = False,
+    checkpoint=None,
 ) -> ShardedModule:
     """Shard `model` over `mesh` and return a drop-in module; `model` itself is left untouched.
 
@@ -123,6 +125,8 @@ def autoshard(
     `compile`: True (or a dict of `torch.compile` options) runs the program lowered to local tensors
     with explicit collectives, compiled with dynamic batch/sequence; `lower`: lowered, eager
     (`execute/runners.py`; what cannot be lowered stays on DTensors, see `sharded.lowering_notes`).
+    `checkpoint`: a transformers `save_pretrained` or DCP directory read into the shards, each rank
+    reading only its slices (`autoshard.load`); `model` may then be built on `meta`.
     """
     tp_mesh = tensor_parallel_mesh(mesh)
     fsdp_options = resolve_fsdp(mesh, fsdp)
@@ -149,6 +153,8 @@ def autoshard(
     sharded.add_program(first)
     if fsdp_options is not None:
         data_parallel(sharded, **fsdp_options)                                        # 8. FSDP2 over dp
+    if checkpoint is not None:
+        load(sharded, checkpoint)                                                     #    weights into the shards
     return finish(sharded, compile, lower)                                           # 9. lower + torch.compile
 
 

@@ -177,6 +177,8 @@ def _broadcast_from_first(sharded: nn.Module, mesh: DeviceMesh) -> None:
     """Every parameter's local shard from data-parallel rank 0: one broadcast per dtype and dim."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
     for p in sharded.parameters():
+        if p.is_meta:
+            continue   # built on meta: a checkpoint fills every replica alike (`autoshard.load`)
         by_dtype[p.dtype].append(p._local_tensor if isinstance(p, DTensor) else p.data)
     for dim in range(mesh.ndim):
         group = mesh.get_group(dim)

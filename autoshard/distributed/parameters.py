@@ -18,6 +18,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
+from autoshard.execute.materialize import recompute_buffers
+from autoshard.distributed.strided_checkpoint import describe_blocks_hook
 from autoshard.graph.capture import Captured
 from autoshard.execute.rewrite import written_buffers
 from autoshard.schema.plan import Plan, planned_placement
@@ -49,11 +51,17 @@ def distribute_parameters(
         sharded.adopt(fqn, made[id(p)])
     persistent = {s.target: s.persistent for s in captured.program.graph_signature.input_specs if s.kind.name == "BUFFER"}
     written = written_buffers(captured)
+    computed = recompute_buffers(model)   # a meta model's rotary inv_freq: in no checkpoint
     for fqn, b in model.named_buffers(remove_duplicate=False):
         # a buffer forward writes (a KV cache) is the sharded module's own: the user's model is never written
-        value = b.detach().clone() if fqn in written else b
-        sharded.adopt(fqn, value, buffer=True, persistent=persistent.get(fqn, fqn in model.state_dict()))
+        value = computed.get(fqn, b)
+        value = value.detach().clone() if fqn in written else value
+        keep = persistent.get(fqn, fqn in model.state_dict())
+        sharded.adopt(fqn, value, buffer=True, persistent=keep)
+        if value.is_meta and not keep:
+            sharded.unset_buffers.add(fqn)
 
+    sharded.register_state_dict_post_hook(describe_blocks_hook)  # DCP reads/writes strided shards block by block
     params = dict(sharded.named_parameters())
     replicated = [f for f in backward_order(captured, params) if _is_replicated(params[f])]
     reducer = GradReducer(size_buckets(replicated, params, bucket_cap_mb))

@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from autoshard.execute.materialize import non_persistent_buffers, unset_message
 from autoshard.graph.capture import Captured, bind_arguments, capture_mode
 from autoshard.graph.inputs import accepts
 from autoshard.graph.simulate import Simulation
@@ -65,6 +66,8 @@ class ShardedModule(nn.Module):
         self._replan = replan  # named inputs -> a PlanRun with its rewritten graph
         self.execution = execution
         self._programs: list[Program] = []
+        self.unset_buffers: set[str] = set()   # non-persistent buffers with no value (built on meta): calls refused
+        self.state_version = 0                 # counts `to_empty`s: runners read the new tensors
 
     # ---- state -----------------------------------------------------------------------------------
     def adopt(self, fqn: str, value: torch.Tensor, *, buffer: bool = False, persistent: bool = True) -> None:
@@ -79,6 +82,20 @@ class ShardedModule(nn.Module):
             mod.register_buffer(leaf, value, persistent=persistent)
         else:
             mod.register_parameter(leaf, value)
+
+    def to_empty(self, *, device, recurse: bool = True) -> "ShardedModule":
+        """`nn.Module.to_empty`, except that non-persistent buffers keep their values (moved to
+        `device`): no checkpoint holds them (rotary `inv_freq`), so the garbage `to_empty` leaves
+        would be used silently. One with no value (built on meta) stays in `unset_buffers`."""
+        kept = non_persistent_buffers(self)
+        super().to_empty(device=device, recurse=recurse)
+        self.state_version += 1
+        for fqn, buffer in non_persistent_buffers(self).items():
+            if kept[fqn].is_meta:
+                self.unset_buffers.add(fqn)
+            else:
+                buffer.copy_(kept[fqn])
+        return self
 
     @property
     def plan(self) -> Plan:
@@ -141,6 +158,8 @@ class ShardedModule(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self.unset_buffers:
+            raise PlanError(unset_message(sorted(self.unset_buffers)))
         named = bind_arguments(self._signature, self._original_type.__name__, args, kwargs)
         for program in self._programs:
             flat = accepts(program.captured, named, self.training)

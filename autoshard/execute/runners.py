@@ -41,10 +41,13 @@ class ModuleState:
     replaces parameters after the runner is made)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.module, self._state = module, {}
+        self.module, self._state, self._version = module, {}, None
 
     def __getitem__(self, fqn: str) -> torch.Tensor:
-        if not self._state:
+        version = getattr(self.module, "state_version", 0)   # `to_empty` makes new buffers
+        if not self._state or version != self._version:
+            self._state.clear()
+            self._version = version
             self._state.update(dict(self.module.named_parameters(remove_duplicate=False)))
             self._state.update(dict(self.module.named_buffers(remove_duplicate=False)))
         return self._state[fqn]

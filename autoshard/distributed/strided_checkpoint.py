@@ -1,0 +1,118 @@
+"""torch.distributed.checkpoint for DTensors whose local shard is several blocks of the tensor.
+
+DCP describes a DTensor's local shard as one chunk (an offset and a size per dim, from
+`compute_local_shape_and_global_offset`). A fused projection split part by part holds
+`_StridedShard(0, split_factor=3)`: rank 0's rows of a q|k|v weight are q[:n/2], k[:n/2] and
+v[:n/2] — three blocks, not one. Handed to DCP as they are, torch saves overlapping chunks (the
+save fails its global plan check) and would load the wrong rows. DCP asks each value to describe
+itself (`__create_chunk_list__`, `__create_write_items__`, `__get_tensor_shard__`):
+`BlockShardedDTensor`, the same DTensor (same local tensor, same placements), lists each block
+as its own chunk, a view into the local shard, so checkpoints keep the model's own layout and
+reshard to any mesh. `describe_blocks` puts it in a state dict where a shard has several blocks.
+
+    >>> state = sharded.state_dict()           # autoshard's state_dict hook: already described
+    >>> dcp.save(state, checkpoint_id=path)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import torch
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+Block = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]   # (global offsets, sizes, local offsets)
+
+
+def local_runs(shape: tuple[int, ...], mesh, placements, dim: int) -> list[tuple[int, int, int]]:
+    """This rank's indices along `dim` as maximal runs `(global start, length, local start)`,
+    by distributing an index vector the way the tensor is distributed (torch's own semantics,
+    `_StridedShard` and uneven shards included; no communication)."""
+    return _runs(tuple(shape), mesh, tuple(placements), dim, tuple(mesh.get_coordinate() or ()))
+
+
+@lru_cache(maxsize=4096)
+def _runs(shape, mesh, placements, dim, _coordinate) -> list[tuple[int, int, int]]:
+    # other dims get a size every placement divides evenly, so no rank's block along `dim` is empty
+    factor = math.prod(mesh.shape) * math.prod(p.split_factor for p in placements if isinstance(p, _StridedShard))
+    sizes = [n if d == dim else factor for d, n in enumerate(shape)]
+    view = [-1 if d == dim else 1 for d in range(len(shape))]
+    index = torch.arange(shape[dim], device=mesh.device_type).view(view).expand(sizes)
+    local = distribute_tensor(index, mesh, list(placements), src_data_rank=None).to_local()
+    mine = local[tuple(slice(None) if d == dim else 0 for d in range(len(shape)))].tolist()
+    runs: list[list[int]] = []
+    for pos, g in enumerate(mine):
+        if runs and runs[-1][0] + runs[-1][1] == g:
+            runs[-1][1] += 1
+        else:
+            runs.append([g, 1, pos])
+    return [tuple(r) for r in runs]
+
+
+def blocks(t: DTensor) -> list[Block] | None:
+    """The blocks of `t`'s local shard, or None when it is one block (or empty): DCP's own
+    description is right then."""
+    if not any(isinstance(p, _StridedShard) for p in t.placements) or t._local_tensor.numel() == 0:
+        return None
+    per_dim = [local_runs(tuple(t.shape), t.device_mesh, t.placements, d) for d in range(t.ndim)]
+    if all(len(runs) <= 1 for runs in per_dim):
+        return None
+    return [tuple(zip(*combo)) for combo in itertools.product(*per_dim)]  # type: ignore[misc]
+
+
+class BlockShardedDTensor(DTensor):
+    """A DTensor that describes its local shard to DCP block by block (see the module doc)."""
+
+    @staticmethod
+    def of(t: DTensor) -> "BlockShardedDTensor":
+        return BlockShardedDTensor(t._local_tensor, t._spec, requires_grad=False)
+
+    def _blocks(self) -> list[Block]:
+        self._raise_if_contains_partial_placements()
+        return blocks(self) or []
+
+    def __create_chunk_list__(self):
+        return [ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(size)) for off, size, _ in self._blocks()]
+
+    def __create_write_items__(self, fqn, object):
+        properties = TensorProperties.create_from_tensor(self._local_tensor)
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size(off)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(size)),
+                    properties=properties,
+                    size=self.size(),
+                ),
+            )
+            for off, size, _ in self._blocks()
+        ]
+
+    def __get_tensor_shard__(self, index):
+        for offsets, sizes, starts in self._blocks():
+            if index.offset is None or tuple(index.offset) == offsets:
+                local = self._local_tensor
+                for d, (size, start) in enumerate(zip(sizes, starts)):
+                    local = local.narrow(d, start, size)
+                return local
+        raise ValueError(f"no block of the local shard of {index.fqn} starts at {tuple(index.offset)}")
+
+
+def describe_blocks(state: dict) -> dict:
+    """`state` with every DTensor whose local shard is several blocks as a `BlockShardedDTensor`
+    (in place; Parameters, from `state_dict(keep_vars=True)`, are left as they are)."""
+    for name, value in state.items():
+        if type(value) is DTensor and blocks(value) is not None:
+            state[name] = BlockShardedDTensor.of(value)
+    return state
+
+
+def describe_blocks_hook(module, state, prefix, local_metadata) -> None:
+    """`register_state_dict_post_hook` form of `describe_blocks`."""
+    describe_blocks(state)
