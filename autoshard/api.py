@@ -19,11 +19,12 @@ from autoshard.choose import choose
 from autoshard.choose.diagnose import refuse_fallbacks
 from autoshard.distributed.agree import agree_across_ranks, check_plan_matches
 from autoshard.distributed.load import load
-from autoshard.distributed.fsdp import cast_parameters, data_parallel, resolve_fsdp
+from autoshard.distributed.fsdp import cast_parameters, data_parallel, repeating_units, resolve_fsdp
 from autoshard.distributed.mesh import mesh_info, tensor_parallel_mesh
 from autoshard.distributed.parameters import distribute_parameters
 from autoshard.execute.dry_run import dry_run
 from autoshard.execute.module import ShardedModule
+from autoshard.execute.recompute import Recompute
 from autoshard.execute.rewrite import rewrite_graph
 from autoshard.execute.runners import DTensorExecution, finish
 from autoshard.graph.analyse import GraphAnalysis, analyse
@@ -111,6 +112,7 @@ def autoshard(
     compile: bool | dict = False,
     lower: bool = False,
     checkpoint=None,
+    activation_checkpointing: str | None = None,
 ) -> ShardedModule:
     """Shard `model` over `mesh` and return a drop-in module; `model` itself is left untouched.
 
@@ -127,6 +129,9 @@ def autoshard(
     (`execute/runners.py`; what cannot be lowered stays on DTensors, see `sharded.lowering_notes`).
     `checkpoint`: a transformers `save_pretrained` or DCP directory read into the shards, each rank
     reading only its slices (`autoshard.load`); `model` may then be built on `meta`.
+    `activation_checkpointing`: "none" (default), "full" (each decoder layer keeps only its inputs
+    and recomputes its forward in backward) or "selective" (keeps matmul, attention and collective
+    outputs, recomputes the rest), per layer (`execute/recompute.py`).
     """
     tp_mesh = tensor_parallel_mesh(mesh)
     fsdp_options = resolve_fsdp(mesh, fsdp)
@@ -151,6 +156,9 @@ def autoshard(
     sharded = ShardedModule(model, mesh, tp_mesh, replan=lambda named: build(named, pinned=placed), execution=DTensorExecution())
     distribute_parameters(model, sharded, first.plan, first.captured, tp_mesh)       # 7. parameters -> DTensors
     sharded.add_program(first)
+    recompute = Recompute.of(activation_checkpointing, repeating_units(sharded) if activation_checkpointing else [])
+    if recompute is not None:
+        sharded.run_with(DTensorExecution(recompute))                                #    layers recomputed in backward
     if fsdp_options is not None:
         data_parallel(sharded, **fsdp_options)                                        # 8. FSDP2 over dp
     if checkpoint is not None:

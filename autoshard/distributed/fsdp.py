@@ -160,7 +160,10 @@ def data_parallel(
     sharded.grad_reducer = reducer
     notes = [] if sharded.execution.kind == "dtensor" else [
         f"not lowered, runs on DTensors eagerly: FSDP over a data-parallel mesh dim (was {sharded.execution.kind})"]
-    return sharded.run_with(StagedExecution(units, reducer.watch, notes))  # later programs too
+    recompute = getattr(sharded.execution, "recompute", None)
+    if recompute is not None and set(recompute.units) != set(units):
+        raise PlanError(f"activation checkpointing layers {sorted(recompute.units)} differ from FSDP's units {sorted(units)}")
+    return sharded.run_with(StagedExecution(units, reducer.watch, notes, recompute))  # later programs too
 
 
 def _unit_buckets(sharded: nn.Module, units: list[str]) -> list[list[str]]:

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from autoshard.execute.lower import LoweredProgram, LoweringError, lower_graph
 from autoshard.execute.module import Program, ShardedModule
+from autoshard.execute.recompute import Recompute, SegmentedProgram
 from autoshard.graph.inputs import CONST, INPUT, program_sources
 
 DEFAULT_OPTIONS = {"backend": "inductor", "dynamic": None}
@@ -58,8 +59,9 @@ class DTensorRunner:
 
     lowered = None
 
-    def __init__(self, module: ShardedModule, program: Program):
+    def __init__(self, module: ShardedModule, program: Program, recompute: Recompute | None = None):
         self.graph_module, self.sources, self.state = program.graph_module, program_sources(program.captured), ModuleState(module)
+        self.fn = self.graph_module.forward if recompute is None else SegmentedProgram(self.graph_module, program.captured, recompute)
 
     def __call__(self, flat_inputs: list) -> list:
         it = iter(flat_inputs)
@@ -67,17 +69,19 @@ class DTensorRunner:
         # no module hooks: the graph is internal (see dtensor_ops.RuntimeOp); export turns a model's
         # `no_grad` blocks into grad-mode switches, so restore the mode even if the graph raises
         with torch.set_grad_enabled(torch.is_grad_enabled()):
-            return self.graph_module.forward(*values)
+            return self.fn(*values)
 
 
 class LoweredRunner:
     """Runs one lowered program: local shards of the parameters in, DTensors for sharded outputs."""
 
-    def __init__(self, module: ShardedModule, program: Program, lowered: LoweredProgram, options: dict | None):
+    def __init__(self, module: ShardedModule, program: Program, lowered: LoweredProgram, options: dict | None,
+                 recompute: Recompute | None = None):
         self.lowered, self.mesh, self.state = lowered, module.tp_mesh, ModuleState(module)
         self.sources = program_sources(program.captured)
         self.compiled = options is not None
-        self.fn = torch.compile(lowered.graph_module, **options) if self.compiled else lowered.graph_module
+        fn = lowered.graph_module if recompute is None else SegmentedProgram(lowered.graph_module, program.captured, recompute)
+        self.fn = torch.compile(fn, **options) if self.compiled else fn
 
     def __call__(self, flat_inputs: list) -> list:
         it = iter(flat_inputs)
@@ -115,11 +119,12 @@ class DTensorExecution:
 
     kind = "dtensor"
 
-    def __init__(self):
+    def __init__(self, recompute: Recompute | None = None):
         self.notes: list[str] = []
+        self.recompute = recompute
 
     def runner(self, module: ShardedModule, program: Program):
-        return DTensorRunner(module, program)
+        return DTensorRunner(module, program, self.recompute)
 
 
 class LoweredExecution:
@@ -127,8 +132,8 @@ class LoweredExecution:
     `options` is None. Never silently wrong: a program the lowering cannot express keeps its
     (exact) DTensor runner, and `notes` says why."""
 
-    def __init__(self, options: dict | None = None):
-        self.options = options
+    def __init__(self, options: dict | None = None, recompute: Recompute | None = None):
+        self.options, self.recompute = options, recompute
         self.kind = "lowered" if options is None else "compiled"
         self.notes: list[str] = []
         self._count = 0
@@ -141,12 +146,12 @@ class LoweredExecution:
             lowered = lower_graph(program.graph_module, program.captured, program.plan, program.simulation, module.tp_mesh)
         except LoweringError as e:
             return self._not_lowered(module, program, str(e))
-        return LoweredRunner(module, program, lowered, self.options)
+        return LoweredRunner(module, program, lowered, self.options, self.recompute)
 
     def _not_lowered(self, module, program, why: str):
         self.notes.append(f"program {self._count}: not lowered, runs on DTensors eagerly: {why}")
         warnings.warn(self.notes[-1], stacklevel=4)
-        return DTensorRunner(module, program)
+        return DTensorRunner(module, program, self.recompute)
 
 
 def lower_sharded(sharded: ShardedModule) -> ShardedModule:
@@ -170,7 +175,7 @@ def _run_lowered(sharded: ShardedModule, options: dict | None) -> ShardedModule:
             sharded.execution.notes.append(note)
             warnings.warn(note, stacklevel=3)
         return sharded
-    return sharded.run_with(LoweredExecution(options))
+    return sharded.run_with(LoweredExecution(options, getattr(sharded.execution, "recompute", None)))
 
 
 def finish(sharded: ShardedModule, compile: bool | dict = False, lower: bool = False) -> ShardedModule:

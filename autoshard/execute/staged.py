@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import fx, nn
@@ -22,6 +22,9 @@ from autoshard.execute.module import Program, ShardedModule
 from autoshard.graph.capture import Captured
 from autoshard.graph.inputs import CONST, INPUT, STATE, program_sources
 from autoshard.schema.errors import PlanError
+
+if TYPE_CHECKING:
+    from autoshard.execute.recompute import Recompute
 
 
 @dataclass
@@ -128,8 +131,9 @@ class StagedRunner:
 
     lowered = None
 
-    def __init__(self, module: ShardedModule, program: Program, units: list[str], watch: Callable[[str, nn.Parameter], None]):
-        self.module, self.units, self.watch = module, units, watch
+    def __init__(self, module: ShardedModule, program: Program, units: list[str], watch: Callable[[str, nn.Parameter], None],
+                 recompute: Recompute | None = None):
+        self.module, self.units, self.watch, self.recompute = module, units, watch, recompute
         self.sources, self.segments, self.out_struct = split_program(program.graph_module, program.captured, units)
 
     def __call__(self, flat: list):
@@ -167,6 +171,8 @@ class StagedRunner:
             if isinstance(t, nn.Parameter):  # FSDP's unsharded parameter, the same object each step
                 self.watch(f"{seg.unit}.{rel}", t)
             state.append(t)
+        if self.recompute is not None and seg.unit in self.recompute.units:
+            return self.recompute.run(seg.gm, *state, *values)   # inside FSDP's hooks, as checkpoint_wrapper would be
         return seg.gm(*state, *values)
 
 
@@ -176,8 +182,9 @@ class StagedExecution:
 
     kind = "staged"
 
-    def __init__(self, units: list[str], watch: Callable[[str, nn.Parameter], None], notes: list[str] | None = None):
-        self.units, self.watch, self.notes = list(units), watch, list(notes or [])
+    def __init__(self, units: list[str], watch: Callable[[str, nn.Parameter], None], notes: list[str] | None = None,
+                 recompute: Recompute | None = None):
+        self.units, self.watch, self.notes, self.recompute = list(units), watch, list(notes or []), recompute
 
     def runner(self, module: ShardedModule, program: Program) -> StagedRunner:
-        return StagedRunner(module, program, self.units, self.watch)
+        return StagedRunner(module, program, self.units, self.watch, self.recompute)
