@@ -30,7 +30,7 @@ def _kept_activations(sharded, kw) -> int:
     return sum(v for dev, cats in snapshot.items() for c, v in cats.items() if str(c).endswith("ACT"))
 
 
-def _recompute_tp2(lower: bool) -> dict:
+def _recompute_tp2(mode: str) -> dict:
     import autoshard
 
     warnings.filterwarnings("ignore")
@@ -41,23 +41,28 @@ def _recompute_tp2(lower: bool) -> dict:
     ref_loss.backward()
     out = {}
     for kind in ("none", "full", "selective"):
-        sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw, lower=lower, activation_checkpointing=kind)
+        run = {"lower": True} if mode == "lowered" else {"compile": {"backend": "aot_eager"}} if mode == "compiled" else {}
+        sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=kw, activation_checkpointing=kind, **run)
         loss = full(sharded(**kw).loss)
         loss.backward()
         grads, missing = max_grad_diff(sharded, ref)
         sharded.zero_grad()
         out[kind] = {"loss": abs(loss.item() - ref_loss.item()), "grads": grads, "missing": missing,
-                     "kind": sharded.execution.kind, "kept": _kept_activations(sharded, kw)}
+                     "kind": sharded.execution.kind, "kept": _kept_activations(sharded, kw) if mode != "compiled" else None}
     return out
 
 
-@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
-def test_full_and_selective_recompute_are_exact_and_keep_less(ranks2, lower):
-    for r in ranks2.run(_recompute_tp2, lower):
+@pytest.mark.parametrize("mode", ["dtensor", "lowered", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_full_and_selective_recompute_are_exact_and_keep_less(ranks2, mode):
+    # compiled: torch.compile (aot_eager here: inductor on 2 CPU cores takes minutes) of the
+    # segmented program, each layer's checkpoint traced as a higher-order op
+    for r in ranks2.run(_recompute_tp2, mode):
         for kind, m in r.items():
             assert m["loss"] < EXACT and m["grads"] < EXACT and not m["missing"], (kind, m)
-            assert m["kind"] == ("lowered" if lower else "dtensor"), (kind, m)
-        assert r["full"]["kept"] < r["selective"]["kept"] < r["none"]["kept"], {k: m["kept"] for k, m in r.items()}
+            assert m["kind"] == mode, (kind, m)
+        if mode != "compiled":
+            # measured (tiny Llama, 4 layers, tp 2): none 861 KB, selective 739 KB, full 139 KB
+            assert r["full"]["kept"] < r["selective"]["kept"] < r["none"]["kept"], {k: m["kept"] for k, m in r.items()}
 
 
 def _recompute_dp2_tp2() -> dict:
