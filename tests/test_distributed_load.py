@@ -207,16 +207,20 @@ def _refusals(path: str) -> dict:
     with autoshard.meta_init():
         lazy = _RotaryMLP()
     out["meta_init"] = (lazy.up.weight.is_meta, lazy.scale.is_meta)
-    # per-expert MoE checkpoints (transformers converts them on load) are refused, naming the tensors
-    if __import__("torch.distributed").distributed.get_rank() == 0:
-        tiny_model("tiny-mixtral").save_pretrained(path)
-    __import__("torch.distributed").distributed.barrier()
-    moe = tiny_model("tiny-mixtral")
-    sharded = autoshard.autoshard(moe, tp_mesh(), example_inputs=inputs(moe.config.vocab_size, 2, 8))
+    # a checkpoint without one of the model's tensors is refused before anything is read, naming it
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    if dist.get_rank() == 0:
+        tiny_model("tiny-llama").save_pretrained(path)
+        tensors = load_file(f"{path}/model.safetensors")
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+        save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    dist.barrier()
     try:
-        autoshard.load(sharded, path)
+        autoshard.autoshard(_meta("tiny-llama"), tp_mesh(), example_inputs=inputs(32, 2, 8), checkpoint=path)
     except autoshard.PlanError as e:
-        out["moe"] = str(e)
+        out["missing"] = str(e)
     return out
 
 
@@ -230,8 +234,17 @@ class _RotaryMLP(torch.nn.Module):
         return self.down(torch.relu(self.up(x * self.scale)))
 
 
-def test_unset_buffers_and_converted_checkpoints_are_refused(ranks2, tmp_path):
-    for r in ranks2.run(_refusals, str(tmp_path / "moe")):
+def test_unset_buffers_and_missing_tensors_are_refused(ranks2, tmp_path):
+    for r in ranks2.run(_refusals, str(tmp_path / "cut")):
         assert "scale" in r["unset"] and "meta_init" in r["unset"], r
         assert r["meta_init"] == (True, False)
-        assert "model.layers.0.mlp.experts.gate_up_proj" in r["moe"] and "experts.0.w1.weight" in r["moe"], r
+        assert "has no model.layers.1.mlp.down_proj.weight" in r["missing"], r
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_hub_layout_moe_checkpoint_into_fused_expert_shards(ranks2, tmp_path, name):
+    # save_pretrained writes per-expert tensors (Mixtral: block_sparse_moe.experts.N.w1/w2/w3);
+    # the model holds fused gate_up_proj [E, 2I, H] split part by part, down_proj [E, H, I]
+    for r in ranks2.run(_from_pretrained_dir, name, str(tmp_path / "hf"), (2,)):
+        assert r["on_meta"] == [] and r["inv_freq"] == 0.0
+        assert r["logits"] < EXACT and r["loss"] < EXACT and r["grads"] < EXACT and r["step"] < EXACT, r

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from autoshard.distributed.converted_checkpoint import ConvertedReader
 from autoshard.distributed.strided_checkpoint import describe_blocks
 from autoshard.schema.errors import PlanError
 
@@ -40,8 +41,13 @@ def load(sharded: nn.Module, path: str | os.PathLike, *, device: str | torch.dev
     if _on_meta(sharded):
         mesh = getattr(sharded, "device_mesh", None)
         sharded.to_empty(device=device or (mesh.device_type if mesh is not None else "cpu"))
-    state = _state_to_read(sharded, reader.read_metadata().state_dict_metadata, path)
+    converted = None
+    if isinstance(reader, dcp.HuggingFaceStorageReader):
+        converted = ConvertedReader.of(path, getattr(getattr(sharded, "config", None), "model_type", None))
+    state, fused = _state_to_read(sharded, reader.read_metadata().state_dict_metadata, path, converted)
     dcp.load(state, storage_reader=reader, no_dist=not (dist.is_available() and dist.is_initialized()))
+    for name, target in fused.items():   # the hub's per-expert tensors, fused as the model holds them
+        converted.read_into(name, target)
     return sharded
 
 
@@ -59,18 +65,23 @@ def _on_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
 
 
-def _state_to_read(sharded: nn.Module, stored: dict, path: str) -> dict[str, torch.Tensor]:
+def _state_to_read(sharded: nn.Module, stored: dict, path: str, converted=None) -> tuple[dict, dict]:
     """`sharded.state_dict()` with each tensor once (a tied weight under the name the checkpoint
-    has), checked against the checkpoint's names and shapes."""
+    has), checked against the checkpoint's names and shapes: (what DCP reads, what `converted`
+    reads from the tensors it was fused from)."""
     by_tensor: dict[int, list[str]] = {}
     state = describe_blocks({k: v.detach() for k, v in sharded.state_dict(keep_vars=True).items()})
     for name, t in sharded.state_dict(keep_vars=True).items():
         by_tensor.setdefault(id(t), []).append(name)
-    out, missing, wrong = {}, [], []
+    out, fused, missing, wrong = {}, {}, [], []
     for names in by_tensor.values():
         present = [n for n in names if n in stored]
         if not present:
-            missing.append(names[0])
+            fusable = [n for n in names if converted is not None and converted.sources(n)]
+            if fusable:
+                fused[fusable[0]] = state[fusable[0]]
+            else:
+                missing.append(names[0])
             continue
         name = present[0]
         shape = getattr(stored[name], "size", None)
@@ -82,8 +93,12 @@ def _state_to_read(sharded: nn.Module, stored: dict, path: str) -> dict[str, tor
     if missing:
         extra = sorted(k for k in stored if k not in state)
         hint = (f"; the checkpoint has names the model lacks ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}): "
-                "a layout transformers converts on load (e.g. per-expert MoE weights into fused ones) is not read yet"
+                "a layout transformers converts on load with operations autoshard cannot trace"
                 if extra else "")
         raise PlanError(f"{path} has no {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
                         f"({len(missing)} tensors of the model missing){hint}")
-    return out
+    for name, t in fused.items():
+        experts = {e for _, e in converted.sources(name)}
+        if len(t.shape) == 3 and experts != set(range(t.shape[0])) and len(converted.sources(name)) > 1:
+            raise PlanError(f"{path}: {name} has {t.shape[0]} experts, the checkpoint experts {sorted(experts)[:8]}")
+    return out, fused
