@@ -60,7 +60,8 @@ def unit_spans(gm: fx.GraphModule, captured: Captured, units: list[str]) -> list
     for node, src in _sources(gm, captured):
         unit = unit_of(src.target, units) if src.kind == STATE else None
         if unit is not None and node.users:
-            lo, hi = min(index[u] for u in node.users), max(index[u] for u in node.users)
+            users = _uses(node)
+            lo, hi = min(index[u] for u in users), max(index[u] for u in users)
             s = spans.setdefault(unit, [lo, hi])
             s[0], s[1] = min(s[0], lo), max(s[1], hi)
     ordered = sorted((lo, hi, u) for u, (lo, hi) in spans.items())
@@ -68,6 +69,25 @@ def unit_spans(gm: fx.GraphModule, captured: Captured, units: list[str]) -> list
         if hi >= lo:
             raise PlanError(f"{a} and {b} run interleaved in the graph")
     return ordered
+
+
+def _uses(node: fx.Node) -> set[fx.Node]:
+    """The nodes that read `node`'s storage: its users, and through views (a transposed expert
+    weight) theirs. Under FSDP all of them must run while the unit's parameters are gathered."""
+    out, todo = set(), list(node.users)
+    while todo:
+        u = todo.pop()
+        if u not in out:
+            out.add(u)
+            if _is_view(u):
+                todo.extend(u.users)
+    return out
+
+
+def _is_view(node: fx.Node) -> bool:
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    return node.op == "call_function" and schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def split_program(gm: fx.GraphModule, captured: Captured, units: list[str]) -> tuple[list, list[Segment], Any]:
