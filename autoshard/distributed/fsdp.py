@@ -158,12 +158,14 @@ def data_parallel(
         sharded.grad_reducer.remove()  # its parameters are FSDP's sharded ones now
     reducer = GradReducer(buckets)
     sharded.grad_reducer = reducer
-    notes = [] if sharded.execution.kind == "dtensor" else [
-        f"not lowered, runs on DTensors eagerly: FSDP over a data-parallel mesh dim (was {sharded.execution.kind})"]
+    before = sharded.execution
     recompute = getattr(sharded.execution, "recompute", None)
     if recompute is not None and set(recompute.units) != set(units):
         raise PlanError(f"activation checkpointing layers {sorted(recompute.units)} differ from FSDP's units {sorted(units)}")
-    return sharded.run_with(StagedExecution(units, reducer.watch, notes, recompute))  # later programs too
+    staged = StagedExecution(units, reducer.watch, [], recompute)
+    if before.kind in ("lowered", "compiled"):   # composed by hand after compile=/lower=: each stage lowered too
+        staged = staged.lowered_with(before.options)
+    return sharded.run_with(staged)  # later programs too
 
 
 def _unit_buckets(sharded: nn.Module, units: list[str]) -> list[list[str]]:

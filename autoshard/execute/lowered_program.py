@@ -37,6 +37,22 @@ class LoweredProgram:
         return "\n".join(self.collectives)
 
 
+def wrap_output(out, spec, size, mesh):
+    """A lowered program's output as the caller sees it: a sharded one as a DTensor of its global
+    shape (`spec`: (dim, placements); `size`: the global size of that dim), others unchanged."""
+    if spec is None or not isinstance(out, torch.Tensor):
+        return out
+    from torch.distributed.tensor import DTensor
+
+    dim, placements = spec
+    shape = list(out.shape)
+    shape[dim] = size
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * shape[i + 1]
+    return DTensor.from_local(out, mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride))
+
+
 def sharded_outputs(graph: fx.Graph, pl: dict, value_of: Callable, sharded: set[str], error: type[PlanError] = PlanError):
     """Per graph output: None, or (dim, placements) of an output the plan keeps sharded; and its global size."""
     out_node = next(n for n in graph.nodes if n.op == "output")

@@ -30,6 +30,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from autoshard.execute.lower import LoweredProgram, LoweringError, lower_graph
+from autoshard.execute.lowered_program import wrap_output
 from autoshard.execute.module import Program, ShardedModule
 from autoshard.execute.recompute import Recompute, SegmentedProgram
 from autoshard.graph.inputs import CONST, INPUT, program_sources
@@ -100,18 +101,7 @@ class LoweredRunner:
                 grads = self.lowered.grad_placements.get(s.target) if s.parameter else None
                 values.append(t.to_local(grad_placements=grads) if s.parameter and isinstance(t, DTensor) else t)
         outs = self.fn(*values)
-        return [self._wrap(o, spec, size) for o, spec, size in zip(outs, self.lowered.outputs, self.lowered.output_sizes)]
-
-    def _wrap(self, out, spec, size):
-        if spec is None or not isinstance(out, torch.Tensor):
-            return out
-        dim, placements = spec
-        shape = list(out.shape)
-        shape[dim] = size
-        stride = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            stride[i] = stride[i + 1] * shape[i + 1]
-        return DTensor.from_local(out, self.mesh, placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride))
+        return [wrap_output(o, spec, size, self.mesh) for o, spec, size in zip(outs, self.lowered.outputs, self.lowered.output_sizes)]
 
 
 class DTensorExecution:
@@ -169,12 +159,8 @@ def compile_sharded(sharded: ShardedModule, *, backend: str = "inductor", dynami
 
 
 def _run_lowered(sharded: ShardedModule, options: dict | None) -> ShardedModule:
-    if sharded.execution.kind == "staged":  # FSDP's layer stages run the DTensor program
-        note = "not lowered, runs on DTensors eagerly: FSDP over a data-parallel mesh dim"
-        if note not in sharded.execution.notes:
-            sharded.execution.notes.append(note)
-            warnings.warn(note, stacklevel=3)
-        return sharded
+    if sharded.execution.kind.startswith("staged"):  # FSDP's layer stages, each lowered
+        return sharded.run_with(sharded.execution.lowered_with(options))
     return sharded.run_with(LoweredExecution(options, getattr(sharded.execution, "recompute", None)))
 
 

@@ -12,12 +12,18 @@ tensor-parallel program, on the tensor-parallel DTensors FSDP hands back.
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import fx, nn
 
+from torch.distributed.tensor import DTensor
+
+from autoshard.execute.lower import LoweringError, lower_graph
+from autoshard.execute.lowered_program import LoweredProgram, wrap_output
 from autoshard.execute.module import Program, ShardedModule
 from autoshard.graph.capture import Captured
 from autoshard.graph.inputs import CONST, INPUT, STATE, program_sources
@@ -147,14 +153,23 @@ def _state(module: nn.Module, fqn: str) -> torch.Tensor:
 
 
 class StagedRunner:
-    """Runs one program as segments: root state read at call time, each unit's segment by its container."""
-
-    lowered = None
+    """Runs one program as segments: root state read at call time, each unit's segment by its
+    container. With `lowered`, the segments are the lowered local graph's (parameters enter as
+    `to_local(grad_placements=...)` of FSDP's gathered DTensors), compiled per segment with
+    `options` (per layer, as torchtitan compiles per block)."""
 
     def __init__(self, module: ShardedModule, program: Program, units: list[str], watch: Callable[[str, nn.Parameter], None],
-                 recompute: Recompute | None = None):
-        self.module, self.units, self.watch, self.recompute = module, units, watch, recompute
-        self.sources, self.segments, self.out_struct = split_program(program.graph_module, program.captured, units)
+                 recompute: Recompute | None = None, lowered: LoweredProgram | None = None, options: dict | None = None):
+        self.module, self.units, self.watch, self.recompute, self.lowered = module, units, watch, recompute, lowered
+        gm = program.graph_module if lowered is None else lowered.graph_module
+        self.sources, self.segments, self.out_struct = split_program(gm, program.captured, units)
+        self.fns = [self._segment_fn(seg, options) for seg in self.segments]
+
+    def _segment_fn(self, seg: Segment, options: dict | None) -> Callable:
+        fn = seg.gm
+        if self.recompute is not None and seg.unit in self.recompute.units:
+            fn = partial(self.recompute.run, seg.gm)   # inside FSDP's hooks, as checkpoint_wrapper would be
+        return torch.compile(fn, **options) if options is not None else fn
 
     def __call__(self, flat: list):
         env: dict[str, Any] = {}
@@ -165,46 +180,59 @@ class StagedRunner:
             elif src.kind == CONST:
                 env[node.name] = src.target
             elif unit_of(src.target, self.units) is None:
-                env[node.name] = self._read(src.target)
-        for seg in self.segments:
+                env[node.name] = self._read(src.target, self.module, src.target)
+        for seg, fn in zip(self.segments, self.fns):
             values = [env[n] for n in seg.inputs]
             if seg.unit is None:
-                outs = seg.gm(*values)
+                outs = fn(*values)
             else:
                 container = self.module.get_submodule(seg.unit)
-                outs = container(lambda c, *v, seg=seg: self._run(seg, c, *v), *values)
+                outs = container(lambda c, *v, seg=seg, fn=fn: self._run(seg, fn, c, *v), *values)
             env.update(zip(seg.outputs, outs))
             for name in seg.release:
                 del env[name]
-        return list(fx.node.map_arg(self.out_struct, lambda n: env[n.name]))
+        outs = list(fx.node.map_arg(self.out_struct, lambda n: env[n.name]))
+        if self.lowered is None:
+            return outs
+        return [wrap_output(o, spec, size, self.module.tp_mesh)
+                for o, spec, size in zip(outs, self.lowered.outputs, self.lowered.output_sizes)]
 
-    def _read(self, fqn: str) -> torch.Tensor:
-        t = _state(self.module, fqn)
-        if isinstance(t, nn.Parameter):
+    def _read(self, rel: str, owner: nn.Module, fqn: str) -> torch.Tensor:
+        t = _state(owner, rel)
+        if isinstance(t, nn.Parameter):  # under FSDP, its unsharded parameter: the same object each step
             self.watch(fqn, t)
+            if self.lowered is not None and isinstance(t, DTensor):
+                return t.to_local(grad_placements=self.lowered.grad_placements.get(fqn))
         return t
 
-    def _run(self, seg: Segment, container: nn.Module, *values):
-        state = []
-        for rel in seg.state:
-            t = _state(container, rel)
-            if isinstance(t, nn.Parameter):  # FSDP's unsharded parameter, the same object each step
-                self.watch(f"{seg.unit}.{rel}", t)
-            state.append(t)
-        if self.recompute is not None and seg.unit in self.recompute.units:
-            return self.recompute.run(seg.gm, *state, *values)   # inside FSDP's hooks, as checkpoint_wrapper would be
-        return seg.gm(*state, *values)
+    def _run(self, seg: Segment, fn: Callable, container: nn.Module, *values):
+        state = [self._read(rel, container, f"{seg.unit}.{rel}") for rel in seg.state]
+        return fn(*state, *values)
 
 
 class StagedExecution:
     """Every program cut at `units` and run by their containers (under FSDP2); `watch` is told of
-    each parameter a segment reads (the gradient reducer hooks it)."""
-
-    kind = "staged"
+    each parameter a segment reads (the gradient reducer hooks it). `lower`: the segments of the
+    lowered program (compiled with `options` unless None); a program the lowering cannot express
+    runs on DTensors, and `notes` says why."""
 
     def __init__(self, units: list[str], watch: Callable[[str, nn.Parameter], None], notes: list[str] | None = None,
-                 recompute: Recompute | None = None):
+                 recompute: Recompute | None = None, lower: bool = False, options: dict | None = None):
         self.units, self.watch, self.notes, self.recompute = list(units), watch, list(notes or []), recompute
+        self.lower, self.options = lower, options
+        self.kind = "staged" if not lower else "staged-lowered" if options is None else "staged-compiled"
+
+    def lowered_with(self, options: dict | None) -> "StagedExecution":
+        """The same stages, lowered (and compiled with `options` unless None)."""
+        return StagedExecution(self.units, self.watch, [], self.recompute, True, options)
 
     def runner(self, module: ShardedModule, program: Program) -> StagedRunner:
-        return StagedRunner(module, program, self.units, self.watch, self.recompute)
+        lowered = None
+        if self.lower:
+            try:
+                lowered = lower_graph(program.graph_module, program.captured, program.plan, program.simulation, module.tp_mesh)
+            except LoweringError as e:
+                self.notes.append(f"not lowered, runs on DTensors eagerly: {e}")
+                warnings.warn(self.notes[-1], stacklevel=3)
+        return StagedRunner(module, program, self.units, self.watch, self.recompute, lowered,
+                            self.options if lowered is not None else None)
