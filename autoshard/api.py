@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoshard.choose import choose
 from autoshard.choose.diagnose import refuse_fallbacks
+from autoshard.choose.recompute import budget_bytes, choose_recompute
 from autoshard.distributed.agree import agree_across_ranks, check_plan_matches
 from autoshard.distributed.load import load
 from autoshard.distributed.fsdp import cast_parameters, data_parallel, repeating_units, resolve_fsdp
@@ -31,7 +32,7 @@ from autoshard.graph.analyse import GraphAnalysis, analyse
 from autoshard.graph.capture import Captured, capture, isolated_from_caller, meta_skeleton
 from autoshard.graph.label import Labels, label
 from autoshard.graph.simulate import PlacementSimulator, Simulation, simulate
-from autoshard.schema.errors import PlanError
+from autoshard.schema.errors import MemoryBudgetError, PlanError
 from autoshard.schema.plan import Plan
 
 # (pass, detail, seconds): called with None when a pass starts and with its time when it ends
@@ -130,16 +131,20 @@ def autoshard(
     `checkpoint`: a transformers `save_pretrained` or DCP directory read into the shards, each rank
     reading only its slices (`autoshard.load`); `model` may then be built on `meta`.
     `activation_checkpointing`: "none" (default), "full" (each decoder layer keeps only its inputs
-    and recomputes its forward in backward) or "selective" (keeps matmul, attention and collective
-    outputs, recomputes the rest), per layer (`execute/recompute.py`).
+    and recomputes its forward in backward), "selective" (keeps matmul, attention and collective
+    outputs, recomputes the rest), per layer (`execute/recompute.py`), or "auto": the cost model's
+    per-layer mix meeting `memory_budget` at the least recompute time (`choose/recompute.py`).
     """
     tp_mesh = tensor_parallel_mesh(mesh)
     fsdp_options = resolve_fsdp(mesh, fsdp)
     skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
+    auto = activation_checkpointing == "auto"
+    budget = {"plan": memory_budget}   # under "auto", recompute meets a budget no plan meets alone
+
     def build(inputs, fixed: Plan | None = None, pinned: dict[str, str] | None = None) -> PlanRun:
         run = plan_model(skeleton, mesh, inputs, sequence_parallel=sequence_parallel, hardware=hardware,
-                         memory_budget=memory_budget, pinned=pinned)                  # 1-4. capture, analyse, label, choose
+                         memory_budget=budget["plan"], pinned=pinned)                 # 1-4. capture, analyse, label, choose
         if fixed is not None:
             check_plan_matches(fixed, run.plan)
             run.plan, run.simulation = fixed, simulate(run.simulator, fixed)
@@ -148,7 +153,13 @@ def autoshard(
         agree_across_ranks(run.plan, tp_mesh)                                         #    every rank the same plan
         return run
 
-    first = build(example_inputs, plan)
+    try:
+        first = build(example_inputs, plan)
+    except MemoryBudgetError:
+        if not auto:
+            raise
+        budget["plan"] = None                     # the smallest-memory plan; recompute brings it under the budget
+        first = build(example_inputs, plan)
     if strict:
         refuse_fallbacks(first.plan, model, first.captured, sequence_parallel)
     # a call with other inputs is planned again, its parameters staying where they already are
@@ -156,7 +167,7 @@ def autoshard(
     sharded = ShardedModule(model, mesh, tp_mesh, replan=lambda named: build(named, pinned=placed), execution=DTensorExecution())
     distribute_parameters(model, sharded, first.plan, first.captured, tp_mesh)       # 7. parameters -> DTensors
     sharded.add_program(first)
-    recompute = Recompute.of(activation_checkpointing, repeating_units(sharded) if activation_checkpointing else [])
+    recompute = _recompute(activation_checkpointing, repeating_units(sharded), first.plan, memory_budget)
     if recompute is not None:
         sharded.run_with(DTensorExecution(recompute))                                #    layers recomputed in backward
     if fsdp_options is not None:
@@ -164,6 +175,18 @@ def autoshard(
     if checkpoint is not None:
         load(sharded, checkpoint)                                                     #    weights into the shards
     return finish(sharded, compile, lower)                                           # 9. lower + torch.compile
+
+
+def _recompute(kind: str | None, units: list[str], plan: Plan, memory_budget) -> Recompute | None:
+    """The layers to checkpoint: one kind for all, or under "auto" the cost model's per-layer mix
+    (recorded in `plan.estimate["recompute"]["chosen"]`)."""
+    if kind != "auto":
+        return Recompute.of(kind, units if kind else [])
+    if not units:
+        raise PlanError("activation_checkpointing='auto' needs repeating layers, and the model has none")
+    kinds, record = choose_recompute(plan.estimate, budget_bytes(memory_budget, plan.estimate), len(units))
+    plan.estimate["recompute"]["chosen"] = record
+    return Recompute(tuple(units), tuple(kinds)) if any(k != "none" for k in kinds) else None
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from autoshard.choose.params import region_params, replicated_used_on_shards
 from autoshard.cost.activation import saved_activations
 from autoshard.cost.estimate import comm_events, comm_summary, compute_times, estimate_record
 from autoshard.cost.hardware import HardwareProfile
+from autoshard.cost.recompute import recompute_prices
 from autoshard.cost.memory import MemoryBreakdown, activation_memory, plan_memory, state_memory
 from autoshard.cost.strategies import LayoutCosts, Option
 from autoshard.graph.label import Candidate
@@ -185,4 +186,8 @@ def estimate_plan(analysis, sim, plan: Plan, profile: HardwareProfile, tp: int, 
     compute = sum(compute_times(analysis, sim, profile).values())
     comm = sum(e.time(profile, tp) for e in events)
     mem = plan_memory(analysis, sim, saved, set(plan.loss_parallel))
-    return estimate_record(profile, tp, compute, comm, mem, comm_summary(events))
+    record = estimate_record(profile, tp, compute, comm, mem, comm_summary(events))
+    # what each activation-checkpointing kind keeps and recomputes (autoshard(activation_checkpointing=))
+    prices = recompute_prices(analysis, sim, saved, set(plan.loss_parallel), profile, tp, events)
+    record["recompute"] = {k: {"activations": p.activations, "recompute_s": p.recompute_s} for k, p in prices.items()}
+    return record

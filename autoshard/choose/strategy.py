@@ -32,7 +32,7 @@ from autoshard.choose.pricer import Pricer, estimate_plan
 from autoshard.cost.strategies import LayoutCosts, solve
 from autoshard.graph.label import Candidate, Labels
 from autoshard.graph.simulate import PlacementSimulator
-from autoshard.schema.errors import PlanError
+from autoshard.schema.errors import MemoryBudgetError, PlanError
 from autoshard.schema.plan import REPLICATED_STREAM, SP_STREAM, STREAM_TEXT, Plan, placement_str
 
 REPLICATE = Replicate()
@@ -86,7 +86,7 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     solve_s = time.perf_counter() - solve_started
     feasible = [(s, c) for s, c in solutions if s is not None]
     if not feasible:
-        raise PlanError(budget_error(budget, viable))
+        raise MemoryBudgetError(budget_error(budget, viable))
     order = {layout: i for i, layout in enumerate(layouts)}
     sol, costs = min(feasible, key=lambda x: (x[0].time_s, x[0].memory, order[x[0].layout]))
     fastest = min((s.time_s for s, _ in unconstrained if s), default=sol.time_s)

@@ -106,13 +106,17 @@ def boundary_sources(sim) -> dict[str, DTensorSpec]:
     return before
 
 
-def activation_memory(saved: SavedActivations, sim, loss_parallel: set[str] = frozenset(), before: dict | None = None) -> dict[str, int]:
-    """Saved-for-backward bytes per rank, by the node that saves them (sum = activation memory)."""
+def activation_memory(saved: SavedActivations, sim, loss_parallel: set[str] = frozenset(), before: dict | None = None,
+                      keep=None) -> dict[str, int]:
+    """Saved-for-backward bytes per rank, by the node that saves them (sum = activation memory);
+    `keep(entry)`: only the saved tensors it accepts (what activation checkpointing keeps)."""
     variants = {n: "vocab_parallel_loss" for n in loss_parallel}
     before = boundary_sources(sim) if before is None else before
     per_node: dict[str, int] = {}
     seen: set[tuple] = set()
     for e in saved.active(variants):
+        if keep is not None and not keep(e):
+            continue
         own = e.consumer == e.producer or e.internal
         spec = before.get(e.producer, sim.specs.get(e.producer)) if own else sim.specs.get(e.producer)
         if e.consumer in saved.attention:  # attention saves q, k, v as it runs them: on its heads

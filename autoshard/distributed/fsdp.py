@@ -32,7 +32,8 @@ from torch.distributed.tensor import DTensor
 
 from autoshard.distributed.parameters import GradReducer
 from autoshard.execute.module import Container
-from autoshard.execute.staged import StagedExecution, unit_of, unit_spans
+from autoshard.execute.staged import StagedExecution, unit_spans
+from autoshard.graph.units import unit_of
 from autoshard.schema.errors import PlanError
 
 

@@ -50,26 +50,40 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 @dataclass(frozen=True)
 class Recompute:
-    """What to recompute (`kind`) and where the layers are (`units`: their module paths)."""
+    """What each decoder layer recomputes: `kinds[i]` for the layer at module path `units[i]`
+    ("none", "full" or "selective"; `activation_checkpointing="auto"` mixes them per layer)."""
 
-    kind: str
     units: tuple[str, ...]
+    kinds: tuple[str, ...]
 
     @staticmethod
     def of(kind: str | None, units: list[str]) -> "Recompute | None":
+        """One kind for every layer (None for "none")."""
         kind = kind or "none"
         if kind not in KINDS:
-            raise PlanError(f"activation_checkpointing={kind!r}: choose one of {', '.join(KINDS)}")
+            raise PlanError(f"activation_checkpointing={kind!r}: choose one of {', '.join(KINDS)}, auto")
         if kind == "none":
             return None
         if not units:
             raise PlanError(f"activation_checkpointing={kind!r} needs repeating layers to checkpoint, and the model "
                             "has none (no sibling blocks with identical parameters)")
-        return Recompute(kind, tuple(units))
+        return Recompute(tuple(units), (kind,) * len(units))
 
-    def run(self, fn, *args):
-        """`fn(*args)` under checkpoint, with this kind's policy."""
-        if self.kind == "selective":
+    @property
+    def kind(self) -> str:
+        """The one kind of every layer, or "mixed"."""
+        return self.kinds[0] if len(set(self.kinds)) == 1 else "mixed"
+
+    def kind_of(self, unit: str | None) -> str:
+        return dict(zip(self.units, self.kinds)).get(unit, "none") if unit is not None else "none"
+
+    def wraps(self, unit: str | None) -> bool:
+        return self.kind_of(unit) != "none"
+
+    def run(self, fn, *args, unit: str | None = None):
+        """`fn(*args)` under checkpoint, with the policy of `unit`'s kind (the first layer's when None)."""
+        kind = self.kind_of(unit) if unit is not None else self.kinds[0]
+        if kind == "selective":
             return checkpoint(fn, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _policy))
         return checkpoint(fn, *args, use_reentrant=False)
 
@@ -88,7 +102,7 @@ class SegmentedProgram:
         env = dict(zip(self.names, values))
         for seg, names in zip(self.segments, self.args):
             args = [env[n] for n in names]
-            outs = seg.gm(*args) if seg.unit is None else self.recompute.run(seg.gm, *args)
+            outs = self.recompute.run(seg.gm, *args, unit=seg.unit) if self.recompute.wraps(seg.unit) else seg.gm(*args)
             env.update(zip(seg.outputs, outs))
             for name in seg.release:
                 env.pop(name, None)

@@ -26,6 +26,7 @@ from autoshard.execute.lower import LoweringError, lower_graph
 from autoshard.execute.lowered_program import LoweredProgram, wrap_output
 from autoshard.execute.module import Program, ShardedModule
 from autoshard.graph.capture import Captured
+from autoshard.graph.units import reads, unit_of
 from autoshard.graph.inputs import CONST, INPUT, STATE, program_sources
 from autoshard.schema.errors import PlanError
 
@@ -41,13 +42,6 @@ class Segment:
     inputs: list[str]           # names of values from the program inputs or earlier segments
     outputs: list[str]          # names of values it defines that later segments or the output use
     release: list[str] = field(default_factory=list)  # inputs no later segment needs: dropped
-
-
-def unit_of(fqn: str, units: list[str]) -> str | None:
-    for u in units:
-        if fqn.startswith(u + "."):
-            return u
-    return None
 
 
 def _sources(gm: fx.GraphModule, captured: Captured) -> list[tuple[fx.Node, Any]]:
@@ -66,7 +60,7 @@ def unit_spans(gm: fx.GraphModule, captured: Captured, units: list[str]) -> list
     for node, src in _sources(gm, captured):
         unit = unit_of(src.target, units) if src.kind == STATE else None
         if unit is not None and node.users:
-            users = _uses(node)
+            users = reads(node)
             lo, hi = min(index[u] for u in users), max(index[u] for u in users)
             s = spans.setdefault(unit, [lo, hi])
             s[0], s[1] = min(s[0], lo), max(s[1], hi)
@@ -75,25 +69,6 @@ def unit_spans(gm: fx.GraphModule, captured: Captured, units: list[str]) -> list
         if hi >= lo:
             raise PlanError(f"{a} and {b} run interleaved in the graph")
     return ordered
-
-
-def _uses(node: fx.Node) -> set[fx.Node]:
-    """The nodes that read `node`'s storage: its users, and through views (a transposed expert
-    weight) theirs. Under FSDP all of them must run while the unit's parameters are gathered."""
-    out, todo = set(), list(node.users)
-    while todo:
-        u = todo.pop()
-        if u not in out:
-            out.add(u)
-            if _is_view(u):
-                todo.extend(u.users)
-    return out
-
-
-def _is_view(node: fx.Node) -> bool:
-    target = node.target
-    schema = getattr(target, "_schema", None)
-    return node.op == "call_function" and schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def split_program(gm: fx.GraphModule, captured: Captured, units: list[str]) -> tuple[list, list[Segment], Any]:
@@ -167,8 +142,8 @@ class StagedRunner:
 
     def _segment_fn(self, seg: Segment, options: dict | None) -> Callable:
         fn = seg.gm
-        if self.recompute is not None and seg.unit in self.recompute.units:
-            fn = partial(self.recompute.run, seg.gm)   # inside FSDP's hooks, as checkpoint_wrapper would be
+        if self.recompute is not None and self.recompute.wraps(seg.unit):
+            fn = partial(self.recompute.run, seg.gm, unit=seg.unit)   # inside FSDP's hooks, as checkpoint_wrapper would be
         return torch.compile(fn, **options) if options is not None else fn
 
     def __call__(self, flat: list):

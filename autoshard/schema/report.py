@@ -64,6 +64,15 @@ def _estimate_lines(e: dict) -> list[str]:
     if b:
         binding = "binding: a faster plan needs more memory" if b.get("binding") else "not binding"
         out.append(f"  budget  {b['why']} ({binding}; smallest feasible {_bytes(b['smallest_feasible_bytes'])})")
+    r = e.get("recompute")
+    if r and "full" in r:
+        kinds = ", ".join(f"{k} {_bytes(r[k]['activations'])} kept / {r[k]['recompute_s'] * 1e3:.3f} ms recomputed"
+                          for k in ("none", "selective", "full"))
+        out.append(f"  activation checkpointing per step: {kinds}")
+        if "chosen" in r:
+            c = r["chosen"]
+            out.append(f"  recompute chosen (auto): {c['why']}; activations {_bytes(c['activations'])}, "
+                       f"total {_bytes(c['memory_total'])} per rank")
     if e.get("assumptions"):
         out.append(f"  assumes {e['assumptions']}")
     return out
