@@ -83,7 +83,7 @@ def test_meta_model_loads_save_pretrained_shards_at_tp2(ranks2, tmp_path, name):
         assert r["logits"] < EXACT and r["loss"] < EXACT and r["grads"] < EXACT and r["step"] < EXACT, r
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-mixtral"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mixtral"])
 def test_meta_model_loads_save_pretrained_on_dp2_tp2(ranks4, tmp_path, name):
     # Mixtral under FSDP: the last layer's transposed expert weights are read after its last
     # direct parameter use; its stage must still hold them gathered (a crash before)
@@ -92,23 +92,31 @@ def test_meta_model_loads_save_pretrained_on_dp2_tp2(ranks4, tmp_path, name):
         assert r["logits"] < EXACT and r["loss"] < EXACT and r["grads"] < EXACT and r["step"] < EXACT, r
 
 
-def _from_dcp(path: str) -> dict:
+def _from_dcp(path: str, name: str, dims: tuple[int, ...]) -> dict:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
 
     import autoshard
-    from tests.helpers import tp_mesh
 
     warnings.filterwarnings("ignore")
-    whole = tiny_model("tiny-llama", seed=5)
+    mesh = init_device_mesh("cpu", dims, mesh_dim_names=("dp", "tp")[-len(dims):])
+    whole = tiny_model(name, seed=5)
     kw = inputs(whole.config.vocab_size, 2, 8, seed=11, labels=True)
-    saver = autoshard.autoshard(tiny_model("tiny-llama", seed=5), tp_mesh(), example_inputs=kw)
+    saver = autoshard.autoshard(tiny_model(name, seed=5), mesh, example_inputs=kw)
     dcp.save(saver.state_dict(), checkpoint_id=path)
-    sharded = autoshard.load(autoshard.autoshard(_meta("tiny-llama"), tp_mesh(), example_inputs=kw), path)
+    sharded = autoshard.load(autoshard.autoshard(_meta(name), mesh, example_inputs=kw), path)
     return _step_and_compare(sharded, whole, kw)
 
 
-def test_meta_model_loads_a_dcp_checkpoint(ranks2, tmp_path):
-    for r in ranks2.run(_from_dcp, str(tmp_path / "dcp")):
+@pytest.mark.parametrize("name", ["tiny-llama", pytest.param("tiny-qwen2", marks=pytest.mark.slow)])
+def test_meta_model_loads_a_dcp_checkpoint(ranks2, tmp_path, name):
+    for r in ranks2.run(_from_dcp, str(tmp_path / "dcp"), name, (2,)):
+        assert r["logits"] < EXACT and r["loss"] < EXACT and r["grads"] < EXACT and r["step"] < EXACT, r
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", pytest.param("tiny-llama", marks=pytest.mark.slow)])
+def test_meta_model_loads_a_dcp_checkpoint_on_dp2_tp2(ranks4, tmp_path, name):
+    for r in ranks4.run(_from_dcp, str(tmp_path / "dcp"), name, (2, 2)):
         assert r["logits"] < EXACT and r["loss"] < EXACT and r["grads"] < EXACT and r["step"] < EXACT, r
 
 
