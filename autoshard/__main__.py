@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--world-size", type=int, default=2)
     demo.add_argument("--config", default="tiny-llama")
     demo.add_argument("--seq", type=int, default=7, help="sequence length (7 is not divisible by 2: still exact)")
+    demo.add_argument("--html", default=None, metavar="PATH", help="also write the plan as a self-contained HTML page")
 
     plan = sub.add_parser(
         "plan",
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from autoshard.cli.demo import run_demo
 
-        run_demo(args.world_size, args.config, args.seq)
+        run_demo(args.world_size, args.config, args.seq, args.html)
         return 0
     if args.command == "plan":
         from autoshard.cli.plan import run

@@ -85,7 +85,12 @@ def _verdict(o: Option, best: Option, budget_bytes: float, total_mem: int) -> st
 
 
 def _region_plan(analysis, labels, c: Candidate, i, costs, sol, priced) -> RegionPlan:
-    fq = lambda n, k: analysis.param_of(analysis.nodes[n].args[k])  # noqa: E731
+    def fq(n: str, k: int) -> str | None:
+        # a linear's weight through its transposes (grouped expert matmuls read w.transpose(-2, -1))
+        if analysis.roles.get(n) is Role.LINEAR:
+            return analysis.weight(analysis.nodes[n]).fqn
+        return analysis.param_of(analysis.nodes[n].args[k])
+
     col_idx = 0 if c.kind == "embedding" else 1
     options: list[dict] = []
     strategy, reason, loss_parallel = "replicated", c.reason, False

@@ -17,18 +17,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank(rank: int, world_size: int, port: int, config: str, seq: int) -> None:
+def _rank(rank: int, world_size: int, port: int, config: str, seq: int, html: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        _demo(rank, world_size, config, seq)
+        _demo(rank, world_size, config, seq, html)
     finally:
         dist.barrier()
         dist.destroy_process_group()
 
 
-def _demo(rank: int, world_size: int, config: str, seq: int) -> None:
+def _demo(rank: int, world_size: int, config: str, seq: int, html: str | None = None) -> None:
     import logging
 
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
@@ -50,6 +50,9 @@ def _demo(rank: int, world_size: int, config: str, seq: int) -> None:
     }
     sharded = autoshard.autoshard(model, mesh, example_inputs=batch)
     say(sharded.plan.report())
+    if html and rank == 0:
+        sharded.plan.to_html(html)
+        say(f"plan page written to {html}")
 
     forward, backward = CommDebugMode(), CommDebugMode()
     with warnings.catch_warnings():  # CommDebugMode's module hooks cannot see into a ModelOutput: harmless
@@ -78,8 +81,8 @@ def _demo(rank: int, world_size: int, config: str, seq: int) -> None:
         raise SystemExit(1)
 
 
-def run_demo(world_size: int = 2, config: str = "tiny-llama", seq: int = 7) -> None:
+def run_demo(world_size: int = 2, config: str = "tiny-llama", seq: int = 7, html: str | None = None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(world_size, port, config, seq), nprocs=world_size, start_method="spawn")
+    mp.start_processes(_rank, args=(world_size, port, config, seq, html), nprocs=world_size, start_method="spawn")

@@ -8,6 +8,7 @@ why, per-rank memory and the estimated step time; progress of the slow phases on
 
     autoshard plan --config llama-3.1-70b --mesh tp=8 --hardware h100 --seq 8192
     autoshard plan --config qwen2.5-0.5b --mesh tp=4 --mesh tp=8 --json plan.json
+    autoshard plan --config mixtral-8x7b --mesh tp=8 --html mixtral.html
     python -m autoshard plan --config path/to/config.json --mesh dp=16,tp=8
 """
 
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config field, VALUE parsed as JSON (e.g. --set num_key_value_heads=2)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the plan as JSON (one file per mesh: PATH, or PATH with the mesh inserted)")
+    p.add_argument("--html", default=None, metavar="PATH", help="write the plan as a self-contained HTML page (one per mesh, as --json)")
     p.add_argument("--full-report", action="store_true", help="print Plan.report() unabridged (one row per layer)")
     p.add_argument("--full-capture", action="store_true", help="capture every layer instead of a few (slow; for checking)")
     p.add_argument("--verify", action="store_true", help="also plan one layer more and check the grown plan against it")
@@ -118,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(result.plan.to_json())
             print(f"\nplan written to {path}")
+        if args.html:
+            path = args.html if len(meshes) == 1 else _mesh_path(args.html, names, sizes)
+            result.plan.to_html(path)
+            print(f"\nplan page written to {path}")
     if not args.quiet:
         planning = time.perf_counter() - t0
         since_start = _process_age()

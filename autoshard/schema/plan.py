@@ -131,6 +131,16 @@ class Plan:
 
         return render_explain(self, name)
 
+    def to_html(self, path=None) -> str:
+        """The plan as one self-contained HTML page (`schema/html.py`); written to `path` if given."""
+        from autoshard.schema.html import render_html
+
+        page = render_html(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(page)
+        return page
+
     def to_parallelize_plan(self) -> dict[str, Any]:
         from autoshard.schema.export_plan import to_parallelize_plan
 
