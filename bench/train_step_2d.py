@@ -33,6 +33,8 @@ from bench.train_step import CONFIG, _ids, _loss, _model, _why
 
 BATCH, SEQ = 2, 128
 VARIANTS = ["hand eager", "hand compiled", "autoshard eager", "autoshard compiled"]
+# a failed collective on one rank leaves the others waiting: give up after this long, not gloo's 30 min
+GLOO_TIMEOUT_S = 300
 
 
 def _build(variant: str, mesh, backend: str):
@@ -96,10 +98,12 @@ def _rank(rank: int, ws: int, port: int, args, out) -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws)
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", rank=rank, world_size=ws, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     rows = []
-    for v in VARIANTS:
+    for v in args.variants:
         try:
             rows.append(_variant(v, mesh, args))
         except Exception as e:  # noqa: BLE001 - a failed variant is a row of the report
@@ -139,8 +143,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step_2d.md"))
     args = ap.parse_args()
+    args.variants = [v.strip() for v in args.variants.split(",")]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
