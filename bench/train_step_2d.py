@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from autoshard.distributed.mesh import free_port
-from bench.train_step import CONFIG, _ids, _loss, _model, _why
+from bench.train_step import CONFIG, _ids, _loss, _model, _time_steps, _why
 
 BATCH, SEQ = 2, 128
 VARIANTS = ["hand eager", "hand compiled", "autoshard eager", "autoshard compiled"]
@@ -63,12 +61,9 @@ def _build(variant: str, mesh, backend: str):
 
 
 def _variant(variant: str, mesh, args) -> dict:
-    import torch.distributed as dist
-
     run, ctx, finalize, kind = _build(variant, mesh, args.backend)
     opt = torch.optim.AdamW(run.parameters(), lr=1e-4)
     kw = _ids(run.config.vocab_size, BATCH, SEQ + mesh["dp"].get_local_rank())  # each dp rank its own batch
-
     losses = []
 
     def step():
@@ -80,15 +75,8 @@ def _variant(variant: str, mesh, args) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    times = []
-    for _ in range(args.steps + args.warmup):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return {"variant": variant, "kind": kind, "median": statistics.median(times[args.warmup:]), "first": times[0],
-            "loss0": losses[0]}
+    median, first = _time_steps(step, args.steps, args.warmup)
+    return {"variant": variant, "kind": kind, "median": median, "first": first, "loss0": losses[0]}
 
 
 def _rank(rank: int, ws: int, port: int, args, out) -> None:

@@ -20,7 +20,7 @@ from autoshard.cost.activation import SavedActivations, SavedTensor
 from autoshard.cost.estimate import node_compute
 from autoshard.cost.memory import activation_memory, boundary_sources, local_fraction, tensor_bytes
 from autoshard.graph.analyse import GraphAnalysis, Role
-from autoshard.graph.units import layer_units, reads, segments, unit_of
+from autoshard.graph.units import layer_units, segments, spans
 
 aten = torch.ops.aten
 KINDS = ("none", "full", "selective")
@@ -38,18 +38,9 @@ class RecomputePrice:
 def layer_membership(analysis: GraphAnalysis) -> dict[str, str]:
     """Node name -> the decoder layer whose stage runs it (nodes of the prologue/epilogue absent)."""
     fqns = analysis.captured.param_fqns
-    units = layer_units(fqns.values())
     nodes = list(analysis.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    spans: dict[str, list[int]] = {}
-    for ph, fqn in fqns.items():
-        unit = unit_of(fqn, units)
-        users = reads(analysis.nodes[ph]) if unit is not None and ph in analysis.nodes else set()
-        if users:
-            lo, hi = min(index[u] for u in users), max(index[u] for u in users)
-            s = spans.setdefault(unit, [lo, hi])
-            s[0], s[1] = min(s[0], lo), max(s[1], hi)
-    ordered = sorted((lo, hi, u) for u, (lo, hi) in spans.items())
+    state = [(analysis.nodes[ph], fqn) for ph, fqn in fqns.items() if ph in analysis.nodes]
+    ordered = spans(nodes, state, layer_units(fqns.values()))
     return {n.name: u for n, u in segments(nodes, ordered).items()}
 
 

@@ -15,7 +15,6 @@ operations is refused, naming it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from autoshard.distributed.strided_checkpoint import local_runs
+from autoshard.distributed.strided_checkpoint import block_view, local_blocks
 from autoshard.schema.errors import PlanError
 
 
@@ -95,12 +94,9 @@ class ConvertedReader:
 
             part_sizes = self._part_sizes(conv, get)
             local = target.to_local() if isinstance(target, DTensor) else target
-            for block in _blocks(target):
-                dst = local
-                for d, (_, size, start) in enumerate(block):
-                    dst = dst.narrow(d, start, size)
+            for block in local_blocks(target):
                 with torch.no_grad():
-                    dst.copy_(self._read_block(conv, block, part_sizes, get))
+                    block_view(local, block).copy_(self._read_block(conv, block, part_sizes, get))
         finally:
             handles.clear()
 
@@ -132,14 +128,6 @@ class ConvertedReader:
                 begin += size
             experts.append(torch.cat(pieces, dim=d))
         return torch.stack(experts)
-
-
-def _blocks(t: torch.Tensor) -> list[tuple[tuple[int, int, int], ...]]:
-    """Blocks of this rank's shard: per dim (global start, size, local start)."""
-    if not isinstance(t, DTensor):
-        return [tuple((0, n, 0) for n in t.shape)]
-    per_dim = [local_runs(tuple(t.shape), t.device_mesh, t.placements, d) for d in range(t.ndim)]
-    return list(itertools.product(*per_dim))
 
 
 def _rename(key: str, renames: list[tuple[str, str]]) -> str:

@@ -70,9 +70,10 @@ def _state_to_read(sharded: nn.Module, stored: dict, path: str, converted=None) 
     has), checked against the checkpoint's names and shapes: (what DCP reads, what `converted`
     reads from the tensors it was fused from)."""
     by_tensor: dict[int, list[str]] = {}
-    state = describe_blocks({k: v.detach() for k, v in sharded.state_dict(keep_vars=True).items()})
-    for name, t in sharded.state_dict(keep_vars=True).items():
+    kept = sharded.state_dict(keep_vars=True)   # the Parameters themselves: a tied one is one object
+    for name, t in kept.items():
         by_tensor.setdefault(id(t), []).append(name)
+    state = describe_blocks({k: v.detach() for k, v in kept.items()})
     out, fused, missing, wrong = {}, {}, [], []
     for names in by_tensor.values():
         present = [n for n in names if n in stored]

@@ -54,15 +54,31 @@ def _runs(shape, mesh, placements, dim, _coordinate) -> list[tuple[int, int, int
     return [tuple(r) for r in runs]
 
 
+def local_blocks(t: torch.Tensor) -> list[tuple[tuple[int, int, int], ...]]:
+    """Every block of this rank's shard of `t` (a plain tensor: the whole of it), each as one
+    `(global start, size, local start)` per dim."""
+    if not isinstance(t, DTensor):
+        return [tuple((0, n, 0) for n in t.shape)]
+    per_dim = [local_runs(tuple(t.shape), t.device_mesh, t.placements, d) for d in range(t.ndim)]
+    return list(itertools.product(*per_dim))
+
+
+def block_view(local: torch.Tensor, block: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    """The view of a local shard that holds `block` (as `local_blocks` gives it)."""
+    for d, (_, size, start) in enumerate(block):
+        local = local.narrow(d, start, size)
+    return local
+
+
 def blocks(t: DTensor) -> list[Block] | None:
-    """The blocks of `t`'s local shard, or None when it is one block (or empty): DCP's own
-    description is right then."""
+    """The blocks of `t`'s local shard as (offsets, sizes, local offsets), or None when it is
+    one block (or empty): DCP's own description is right then."""
     if not any(isinstance(p, _StridedShard) for p in t.placements) or t._local_tensor.numel() == 0:
         return None
-    per_dim = [local_runs(tuple(t.shape), t.device_mesh, t.placements, d) for d in range(t.ndim)]
-    if all(len(runs) <= 1 for runs in per_dim):
+    found = local_blocks(t)
+    if len(found) <= 1:
         return None
-    return [tuple(zip(*combo)) for combo in itertools.product(*per_dim)]  # type: ignore[misc]
+    return [tuple(zip(*block)) for block in found]  # type: ignore[misc]
 
 
 class BlockShardedDTensor(DTensor):
@@ -95,12 +111,9 @@ class BlockShardedDTensor(DTensor):
         ]
 
     def __get_tensor_shard__(self, index):
-        for offsets, sizes, starts in self._blocks():
-            if index.offset is None or tuple(index.offset) == offsets:
-                local = self._local_tensor
-                for d, (size, start) in enumerate(zip(sizes, starts)):
-                    local = local.narrow(d, start, size)
-                return local
+        for block in self._blocks():
+            if index.offset is None or tuple(index.offset) == block[0]:
+                return block_view(self._local_tensor, tuple(zip(*block)))
         raise ValueError(f"no block of the local shard of {index.fqn} starts at {tuple(index.offset)}")
 
 

@@ -26,7 +26,7 @@ from autoshard.execute.lower import LoweringError, lower_graph
 from autoshard.execute.lowered_program import LoweredProgram, wrap_output
 from autoshard.execute.module import Program, ShardedModule
 from autoshard.graph.capture import Captured
-from autoshard.graph.units import reads, unit_of
+from autoshard.graph.units import spans, unit_of
 from autoshard.graph.inputs import CONST, INPUT, STATE, program_sources
 from autoshard.schema.errors import PlanError
 
@@ -55,16 +55,8 @@ def _sources(gm: fx.GraphModule, captured: Captured) -> list[tuple[fx.Node, Any]
 def unit_spans(gm: fx.GraphModule, captured: Captured, units: list[str]) -> list[tuple[int, int, str]]:
     """Each unit's state must be used in one contiguous stretch of the graph, units one after
     another: (first node index, last node index, unit), in graph order."""
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    spans: dict[str, list[int]] = {}
-    for node, src in _sources(gm, captured):
-        unit = unit_of(src.target, units) if src.kind == STATE else None
-        if unit is not None and node.users:
-            users = reads(node)
-            lo, hi = min(index[u] for u in users), max(index[u] for u in users)
-            s = spans.setdefault(unit, [lo, hi])
-            s[0], s[1] = min(s[0], lo), max(s[1], hi)
-    ordered = sorted((lo, hi, u) for u, (lo, hi) in spans.items())
+    state = [(node, src.target) for node, src in _sources(gm, captured) if src.kind == STATE]
+    ordered = spans(list(gm.graph.nodes), state, units)
     for (_, hi, a), (lo, _, b) in zip(ordered, ordered[1:]):
         if hi >= lo:
             raise PlanError(f"{a} and {b} run interleaved in the graph")

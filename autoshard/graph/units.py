@@ -57,6 +57,21 @@ def is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
+def spans(nodes: list[fx.Node], state: list[tuple[fx.Node, str]], units: list[str]) -> list[tuple[int, int, str]]:
+    """(first index, last index, unit) of each unit's stretch of `nodes`, in graph order: from
+    the first to the last read of a parameter or buffer of the unit (`state`: node, its FQN)."""
+    index = {n: i for i, n in enumerate(nodes)}
+    found: dict[str, list[int]] = {}
+    for node, fqn in state:
+        unit = unit_of(fqn, units)
+        users = reads(node) if unit is not None else set()
+        if users:
+            lo, hi = min(index[u] for u in users), max(index[u] for u in users)
+            s = found.setdefault(unit, [lo, hi])
+            s[0], s[1] = min(s[0], lo), max(s[1], hi)
+    return sorted((lo, hi, u) for u, (lo, hi) in found.items())
+
+
 def segments(nodes: list[fx.Node], spans: list[tuple[int, int, str]]) -> dict[fx.Node, str]:
     """Node -> unit for the nodes each unit's stage runs: from its first read to the next unit's
     first read (the last unit: to its last read), as `execute.staged.split_program` cuts."""
