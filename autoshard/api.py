@@ -26,7 +26,7 @@ from autoshard.distributed.parameters import distribute_parameters
 from autoshard.execute.dry_run import dry_run
 from autoshard.execute.module import ShardedModule
 from autoshard.execute.recompute import Recompute
-from autoshard.execute.rewrite import rewrite_graph
+from autoshard.execute.rewrite import rewrite_graph, state_placements
 from autoshard.execute.runners import DTensorExecution, finish
 from autoshard.graph.analyse import GraphAnalysis, analyse
 from autoshard.graph.capture import Captured, capture, isolated_from_caller, meta_skeleton
@@ -140,32 +140,23 @@ def autoshard(
     skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
     auto = activation_checkpointing == "auto"
-    budget = {"plan": memory_budget}   # under "auto", recompute meets a budget no plan meets alone
-
-    def build(inputs, fixed: Plan | None = None, pinned: dict[str, str] | None = None) -> PlanRun:
-        run = plan_model(skeleton, mesh, inputs, sequence_parallel=sequence_parallel, hardware=hardware,
-                         memory_budget=budget["plan"], pinned=pinned)                 # 1-4. capture, analyse, label, choose
-        if fixed is not None:
-            check_plan_matches(fixed, run.plan)
-            run.plan, run.simulation = fixed, simulate(run.simulator, fixed)
-        run.graph = rewrite_graph(run.captured, run.plan, run.simulation, tp_mesh)    # 5. DTensor regions
-        dry_run(run.captured, run.graph, run.plan, tp_mesh)                           # 6. forward + backward on fake tensors
-        agree_across_ranks(run.plan, tp_mesh)                                         #    every rank the same plan
-        return run
+    planner = Planner(skeleton, mesh, sequence_parallel, hardware, memory_budget)
 
     try:
-        first = build(example_inputs, plan)
+        first = planner.build(example_inputs, plan)                                   # 1-6. plan, rewrite, dry run
     except MemoryBudgetError:
         if not auto:
             raise
-        budget["plan"] = None                     # the smallest-memory plan; recompute brings it under the budget
-        first = build(example_inputs, plan)
+        planner.memory_budget = None              # the smallest-memory plan; recompute brings it under the budget
+        first = planner.build(example_inputs, plan)
     if strict:
         refuse_fallbacks(first.plan, model, first.captured, sequence_parallel)
     # a call with other inputs is planned again, its parameters staying where they already are
     placed = {f: p.placement for f, p in first.plan.params.items()}
-    sharded = ShardedModule(model, mesh, tp_mesh, replan=lambda named: build(named, pinned=placed), execution=DTensorExecution())
-    distribute_parameters(model, sharded, first.plan, first.captured, tp_mesh)       # 7. parameters -> DTensors
+    sharded = ShardedModule(model, mesh, tp_mesh, replan=planner.pinned_to(placed), execution=DTensorExecution())
+    sharded.planner = planner
+    distribute_parameters(model, sharded, first.plan, first.captured, tp_mesh,
+                          state=state_placements(first.captured, first.simulation))   # 7. parameters -> DTensors
     sharded.add_program(first)
     recompute = _recompute(activation_checkpointing, repeating_units(sharded), first.plan, memory_budget)
     if recompute is not None:
@@ -175,6 +166,36 @@ def autoshard(
     if checkpoint is not None:
         load(sharded, checkpoint)                                                     #    weights into the shards
     return finish(sharded, compile, lower)                                           # 9. lower + torch.compile
+
+
+@dataclass
+class Planner:
+    """Passes 1-6 for one module skeleton with the options `autoshard()` was given: what a
+    sharded module re-plans new inputs with, and what `generate` plans its cached programs with."""
+
+    skeleton: nn.Module
+    mesh: DeviceMesh
+    sequence_parallel: bool | None = None
+    hardware: object = None
+    memory_budget: object = None
+
+    def build(self, inputs, fixed: Plan | None = None, pinned: dict[str, str] | None = None, skeleton: nn.Module | None = None,
+              sequence_parallel: bool | None = None) -> PlanRun:
+        tp_mesh = tensor_parallel_mesh(self.mesh)
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
+        run = plan_model(skeleton if skeleton is not None else self.skeleton, self.mesh, inputs, sequence_parallel=sp,
+                         hardware=self.hardware, memory_budget=self.memory_budget, pinned=pinned)   # 1-4. capture, analyse, label, choose
+        if fixed is not None:
+            check_plan_matches(fixed, run.plan)
+            run.plan, run.simulation = fixed, simulate(run.simulator, fixed)
+        run.graph = rewrite_graph(run.captured, run.plan, run.simulation, tp_mesh)    # 5. DTensor regions
+        dry_run(run.captured, run.graph, run.plan, tp_mesh)                           # 6. forward + backward on fake tensors
+        agree_across_ranks(run.plan, tp_mesh)                                         #    every rank the same plan
+        return run
+
+    def pinned_to(self, placed: dict[str, str], **options) -> Callable:
+        """Named inputs -> a PlanRun whose parameters stay where `placed` has them."""
+        return lambda named: self.build(named, pinned=placed, **options)
 
 
 def _recompute(kind: str | None, units: list[str], plan: Plan, memory_budget) -> Recompute | None:

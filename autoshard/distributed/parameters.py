@@ -30,6 +30,7 @@ BUCKET_CAP_MB = 25.0  # DDP's default bucket size
 
 def distribute_parameters(
     model: nn.Module, sharded: nn.Module, plan: Plan, captured: Captured, mesh: DeviceMesh, *, bucket_cap_mb: float = BUCKET_CAP_MB,
+    state: dict | None = None,
 ) -> "GradReducer":
     """Copy `model`'s parameters (as DTensors, rank 0's values) and buffers into `sharded`.
 
@@ -37,6 +38,8 @@ def distribute_parameters(
     from the same weights even if their random inits differ. Tied parameters stay one Parameter.
     Replicated parameters get their `Partial` gradients summed in backward by the returned
     reducer (also kept as `sharded.grad_reducer`), in buckets of up to `bucket_cap_mb`.
+    `state`: FQN -> placement of the buffers forward writes that the plan lays out (a KV cache
+    split by heads, `rewrite.state_placements`): DTensors of that placement.
     """
     placements = plan.placements()
     made: dict[int, nn.Parameter] = {}
@@ -56,6 +59,8 @@ def distribute_parameters(
         # a buffer forward writes (a KV cache) is the sharded module's own: the user's model is never written
         value = computed.get(fqn, b)
         value = value.detach().clone() if fqn in written else value
+        if state and fqn in state:
+            value = distribute_tensor(value, mesh, [state[fqn]])
         keep = persistent.get(fqn, fqn in model.state_dict())
         sharded.adopt(fqn, value, buffer=True, persistent=keep)
         if value.is_meta and not keep:

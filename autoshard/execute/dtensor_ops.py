@@ -316,6 +316,27 @@ def operand_placement(p: Placement, x, out_ndim: int, role: str) -> Placement:
     return Shard(local_dim)
 
 
+class LocalStateWrite(RuntimeOp):
+    """An in-place write into a placed buffer (a KV cache split by heads, `index_copy_` along the
+    sequence) on each rank's local shards: the write addresses no split dim, so each rank's shard
+    of the result is its shard of the buffer written with its shard of the values
+    (`graph.state_writes`). DTensor has no rule for `index_copy_`."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target   # what the lowered program runs on the local shards
+
+    def forward(self, buffer, *args):
+        local = pytree.tree_map(lambda a: a.to_local() if isinstance(a, DTensor) else a, args)
+        # the buffer's own storage, written in place (`to_local()` is a view made in a custom
+        # autograd Function, which autograd forbids writing when the values carry a gradient)
+        out = self.target(buffer._local_tensor, *local)
+        return DTensor.from_local(out, buffer.device_mesh, buffer.placements, run_check=False, shape=buffer.shape, stride=buffer.stride())
+
+    def extra_repr(self) -> str:
+        return str(self.target)
+
+
 class ReplicatedLocal(RuntimeOp):
     """An op DTensor has no sharding rule for (a model's own custom op, e.g. transformers'
     `grouped_mm_fallback` in MoE experts on CPU), run whole on every rank: DTensor operands are

@@ -92,6 +92,8 @@ def _module_placement(node: fx.Node, mod, placement: dict, error: type[PlanError
         return Shard(mod.dim)
     if isinstance(mod, runtime.VocabParallelLoss):
         return REPLICATE
+    if isinstance(mod, runtime.LocalStateWrite):  # the written buffer keeps its own layout
+        return src
     if isinstance(mod, runtime.ReplicatedLocal):  # the whole op on every rank: whole results
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):

@@ -284,7 +284,7 @@ class _Lowering:
             self._replace(node, rt.attention, (q, k, v, mask, mod.layout), mod.sdpa_kwargs)
         elif isinstance(mod, runtime.LocalMatmul):
             self._replace(node, torch.matmul, node.args[:2])
-        elif isinstance(mod, (runtime.ReplicatedLocal, runtime.LocalGroupedMM, runtime.LocalStridedSlice)):
+        elif isinstance(mod, (runtime.ReplicatedLocal, runtime.LocalGroupedMM, runtime.LocalStridedSlice, runtime.LocalStateWrite)):
             self._replace(node, mod.target, node.args, dict(node.kwargs))
         elif isinstance(mod, runtime.LocalLinear):
             self._replace(node, aten.linear.default, node.args)

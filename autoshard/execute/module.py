@@ -156,6 +156,13 @@ class ShardedModule(nn.Module):
 
         compile_sharded(self, **kwargs)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """`model.generate` on the sharded model, with a KV cache split as the plan splits attention
+        (`autoshard/serve/generate.py`): greedy or sampled, left padding, `eos_token_id`."""
+        from autoshard.serve.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if self.unset_buffers:

@@ -29,9 +29,9 @@ from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, is_grouped_mm
 from autoshard.graph.capture import Captured, retarget_devices
 from autoshard.graph.grouped import equal_parts, fused_chunk, interleaved_part
 from autoshard.graph.simulate import Simulation
-from autoshard.graph.simplify import view_root
+from autoshard.graph.state_writes import LOCAL_WRITES, written_placeholder
 from autoshard.schema.plan import Plan, parse_placement
-from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalLinear, LocalMatmul, LocalStridedSlice, Redistribute, ReplicatedLocal,
+from autoshard.execute.dtensor_ops import (ConsistentGrad, LocalAttention, LocalChunk, LocalGroupedMM, LocalLinear, LocalMatmul, LocalStateWrite, LocalStridedSlice, Redistribute, ReplicatedLocal,
                                            ToFull, ToReplicate, VocabParallelLoss)
 
 aten = torch.ops.aten
@@ -53,6 +53,7 @@ def rewrite_graph(captured: Captured, plan: Plan, sim: Simulation, mesh: DeviceM
     # `cuda:0`): point factory ops at the mesh's device, on this rank's current device
     device = torch.device(mesh.device_type)
     retarget_devices(g.gm, device, only=("meta", device.type))  # recompiles every graph
+    _local_state_writes(g, captured, sim)
     _promote_plain_tensors(g, sim)
     _insert_boundaries(g, plan)
     _slice_replicated_values_for_shards(g, sim)
@@ -268,9 +269,9 @@ def _order(graph: fx.Graph, name: str) -> int:
 
 
 def _reject_mutations(captured: Captured, sim) -> None:
-    """Forward may write a buffer it owns (gpt-fast's `KVCache.update`) when what it writes is the
-    same on every rank: each rank then updates its own whole copy. Anything else that writes model
-    state or inputs in place is refused here, before anything runs."""
+    """Forward may write a buffer it owns (a KV cache): the buffer then takes the placement of
+    what is written into it (`graph/state_writes`), each rank updating its own shard or its own
+    whole copy. Anything else that writes model state or inputs in place is refused here."""
     kinds = {s.kind.name for s in captured.program.graph_signature.output_specs}
     if kinds - {"USER_OUTPUT"}:
         raise PlanError(
@@ -279,18 +280,46 @@ def _reject_mutations(captured: Captured, sim) -> None:
         )
     state = {**captured.param_fqns, **captured.buffer_fqns, **{n: f"input {n!r}" for n in captured.user_input_placeholders}}
     for node in captured.program.graph.nodes:
-        written = _written_placeholder(node)
+        written = written_placeholder(node)
         if written is None or written.name not in state:
             continue
+        if written.name in captured.buffer_fqns and isinstance(sim.specs.get(written.name), DTensorSpec) and node.target in LOCAL_WRITES:
+            continue  # a placed buffer, written on local shards
         sharded = [a.name for a in node.all_input_nodes if a is not written and _is_split(sim.specs.get(a.name))]
         if written.name in captured.buffer_fqns and not sharded:
             continue
         what = f"values sharded over tp ({', '.join(sharded)})" if sharded else "it"
         raise PlanError(
             f"{captured.model_name}.forward writes {state[written.name]} in place ({node.target}) with {what}; "
-            "autoshard keeps module state written in forward whole on every rank, so the values written must be "
-            "replicated (a KV cache of K/V heads split over tp is not sharded yet) — run the model without the cache"
+            "autoshard shards module state written in forward only through index_copy_/index_put_ of values "
+            "split on a dim the write does not index (a KV cache split by heads) or replicated ones — "
+            "write the state that way, or run the model without it"
         )
+
+
+def _local_state_writes(g: _Editing, captured: Captured, sim: Simulation) -> None:
+    """A write into a placed buffer runs on each rank's local shards (DTensor has no rule for `index_copy_`)."""
+    for node in list(g.graph.nodes):
+        written = written_placeholder(node)
+        if written is None or written.name not in captured.buffer_fqns or node.target not in LOCAL_WRITES:
+            continue
+        if not isinstance(sim.specs.get(written.name), DTensorSpec):
+            continue
+        with g.graph.inserting_before(node):
+            new = g.graph.call_module(g.add(LocalStateWrite(node.target), "state_write"), node.args, dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.graph.erase_node(node)
+
+
+def state_placements(captured: Captured, sim: Simulation) -> dict[str, Placement]:
+    """FQN -> placement of each buffer forward writes that the plan lays out (a KV cache)."""
+    out = {}
+    for name, fqn in captured.buffer_fqns.items():
+        spec = sim.specs.get(name)
+        if isinstance(spec, DTensorSpec):
+            out[fqn] = spec.placements[0]
+    return out
 
 
 def _is_split(spec) -> bool:
@@ -301,20 +330,7 @@ def written_buffers(captured: Captured) -> set[str]:
     """FQNs of the buffers forward writes in place."""
     out = set()
     for node in captured.program.graph.nodes:
-        written = _written_placeholder(node)
+        written = written_placeholder(node)
         if written is not None and written.name in captured.buffer_fqns:
             out.add(captured.buffer_fqns[written.name])
     return out
-
-
-def _written_placeholder(node: fx.Node) -> fx.Node | None:
-    """The graph input an in-place op writes (through views of it), if any."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    schema = node.target._schema
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = view_root(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
-            if isinstance(value, fx.Node) and value.op == "placeholder":
-                return value
-    return None

@@ -99,7 +99,9 @@ class LoweredRunner:
             else:
                 t = self.state[s.target]
                 grads = self.lowered.grad_placements.get(s.target) if s.parameter else None
-                values.append(t.to_local(grad_placements=grads) if s.parameter and isinstance(t, DTensor) else t)
+                if isinstance(t, DTensor):   # a placed buffer (a KV cache): its own storage, written in place
+                    t = t.to_local(grad_placements=grads) if s.parameter else t._local_tensor
+                values.append(t)
         outs = self.fn(*values)
         return [wrap_output(o, spec, size, self.mesh) for o, spec, size in zip(outs, self.lowered.outputs, self.lowered.output_sizes)]
 

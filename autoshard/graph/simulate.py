@@ -38,6 +38,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
 from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part
+from autoshard.graph.state_writes import local_write_placement, reads_before_write, written_placeholder, written_value
 from autoshard.schema.plan import Plan
 
 aten = torch.ops.aten
@@ -171,6 +172,11 @@ class PlacementSimulator:
         tensor_ops = {k: v for k, v in operands.items() if isinstance(v, DTensorSpec)}
         if not tensor_ops:
             return None  # a plain-tensor computation (masks, rotary tables, position ids)
+        written = written_placeholder(node)
+        if written is not None and written.name in self.analysis.captured.buffer_fqns:
+            spec = self._state_write(node, written, sim, operands)
+            if spec is not None:
+                return spec
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             sim.unsupported[node.name] = "DTensor operands enter a higher-order op; run replicated"
             for k, v in tensor_ops.items():
@@ -196,6 +202,23 @@ class PlacementSimulator:
         if node.target is aten.cross_entropy_loss.default:
             return self._cross_entropy(node, sim, operands)
         return self._propagate(node, sim, operands)
+
+    def _state_write(self, node, buffer, sim, operands):
+        """A buffer written in place (a KV cache) takes the placement of what is written into it,
+        when the write runs exactly on local shards (`graph/state_writes`); None: it stays whole."""
+        value = written_value(node)
+        vspec = operands.get(value.name) if isinstance(value, fx.Node) else None
+        if not isinstance(vspec, DTensorSpec) or reads_before_write(node, buffer):
+            return None
+        placement = local_write_placement(node, vspec.placements[0])
+        if placement is None:
+            return None
+        spec = self._spec(buffer.meta["val"], placement)
+        have = sim.specs.get(buffer.name)
+        if isinstance(have, DTensorSpec) and have.placements != spec.placements:
+            return None
+        sim.specs[buffer.name] = spec
+        return spec
 
     def _operand(self, n: fx.Node, sim: Simulation, nodes, assumed, params):
         if nodes is None or n.name in nodes or n.name in sim.specs:

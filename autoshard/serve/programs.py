@@ -1,0 +1,142 @@
+"""The prefill and decode programs of a sharded model, sharing its parameters and one KV cache.
+
+`CachedPrograms(sharded, batch, capacity)` plans `CachedLM` (the model with its cache as state)
+twice with the sharded module's options, its parameters pinned where they already are: once for
+a prompt (any length >= 2: the sequence dim stays dynamic) and once for one token (a decode
+step: the sequence is 1, so the cost model has no sequence to split). Both programs read the
+sharded module's own parameter objects and write one cache, laid out by the plan: split by KV
+heads where attention is, whole where K/V are replicated (tp > KV heads).
+
+The programs run the way the sharded module runs (DTensor, lowered, or lowered and compiled);
+compiled, the decode program sees the same shapes every token (the cache is static, the slot
+is a tensor), so it compiles once.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch.distributed.tensor import DTensor, Placement
+
+from autoshard.execute.module import Program, ShardedModule
+from autoshard.execute.rewrite import state_placements
+from autoshard.execute.runners import DTensorExecution, LoweredExecution
+from autoshard.schema.errors import PlanError
+from autoshard.serve.static_cache import CachedLM, cache_shapes
+
+PREFILL_EXAMPLE = 8   # the prompt length the prefill program is captured at (its length stays dynamic)
+
+
+class CachedPrograms:
+    def __init__(self, sharded: ShardedModule, batch: int, capacity: int):
+        planner = getattr(sharded, "planner", None)
+        if planner is None:
+            raise PlanError("generate needs a module made by autoshard() (it plans the cached programs with its options)")
+        if sharded.device_mesh.ndim > 1:
+            raise PlanError(f"generate runs on a tensor-parallel mesh only; this module is sharded over {sharded.device_mesh} "
+                            "(FSDP over data-parallel dims): call autoshard(model, tp_mesh) for serving")
+        self.batch, self.capacity = batch, capacity
+        skeleton = planner.skeleton
+        shapes = cache_shapes(skeleton, batch, capacity, sharded.tp_mesh.device_type)
+        cached = CachedLM(skeleton, batch, capacity, shapes)
+        placed = {f: p.placement for f, p in sharded.plan.params.items()}
+        prefill = planner.build(self.example(PREFILL_EXAMPLE), pinned=placed, skeleton=cached)
+        with _quiet_specialisation():   # a decode step is one token by design: export's 0/1 note is noise
+            decode = planner.build(self.example(1), pinned=placed, skeleton=cached, sequence_parallel=False)
+        self.placements = state_placements(prefill.captured, prefill.simulation)
+        _check_same_cache(self.placements, state_placements(decode.captured, decode.simulation))
+
+        module = ShardedModule(cached, sharded.device_mesh, sharded.tp_mesh, replan=planner.pinned_to(placed, skeleton=cached),
+                               execution=_execution_like(sharded))
+        for fqn, p in sharded.named_parameters(remove_duplicate=False):
+            module.adopt(fqn, p)
+        for fqn, b in sharded.named_buffers(remove_duplicate=False):
+            module.adopt(fqn, b, buffer=True, persistent=False)
+        device = torch.device(sharded.tp_mesh.device_type)
+        for fqn, (shape, dtype) in _cache_buffers(shapes).items():
+            module.adopt(fqn, _cache_tensor(shape, dtype, device, self.placements.get(fqn), sharded.tp_mesh), buffer=True, persistent=False)
+        module.add_program(prefill)
+        module.add_program(decode)
+        self.module = module
+
+    @property
+    def prefill(self) -> Program:
+        return self.module.programs[0]
+
+    @property
+    def decode(self) -> Program:
+        return self.module.programs[1]
+
+    def example(self, seq: int) -> tuple:
+        ids = torch.zeros(self.batch, seq, dtype=torch.long)
+        mask = torch.ones(self.batch, self.capacity, dtype=torch.long)
+        positions = torch.arange(seq).expand(self.batch, seq).contiguous()
+        return ids, mask, positions, torch.arange(seq)
+
+    def __call__(self, ids, mask, positions, slots) -> torch.Tensor:
+        return self.module(ids, mask, positions, slots)
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes of the cache this rank holds, and per token of every sequence (all layers)."""
+        local = 0
+        for fqn in _cache_buffers_of(self.module):
+            t = self.module.get_buffer(fqn)
+            t = t._local_tensor if isinstance(t, DTensor) else t
+            local += t.numel() * t.element_size()
+        return {"per_rank": local, "per_token": local // (self.batch * self.capacity), "per_sequence": local // self.batch}
+
+
+@contextmanager
+def _quiet_specialisation():
+    log = logging.getLogger("torch._export.non_strict_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _execution_like(sharded: ShardedModule):
+    kind = sharded.execution.kind
+    if kind in ("lowered", "compiled"):
+        return LoweredExecution(sharded.execution.options)
+    if kind != "dtensor":
+        raise PlanError(f"generate runs on DTensor, lowered or compiled modules; this one runs {kind!r}")
+    return DTensorExecution()
+
+
+def _cache_buffers(shapes) -> dict[str, tuple[tuple, torch.dtype]]:
+    out = {}
+    for i, (k, v, dtype) in enumerate(shapes):
+        out[f"{CachedLM.CACHE}.keys_{i}"] = (k, dtype)
+        out[f"{CachedLM.CACHE}.values_{i}"] = (v, dtype)
+    return out
+
+
+def _cache_buffers_of(module) -> list[str]:
+    return [f for f, _ in module.named_buffers() if f.startswith(CachedLM.CACHE + ".")]
+
+
+def _cache_tensor(shape, dtype, device, placement: Placement | None, mesh) -> torch.Tensor:
+    """A zero cache buffer, this rank's shard of it where the plan splits it."""
+    if placement is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    local = list(shape)
+    if placement.is_shard():
+        d = placement.dim
+        if shape[d] % mesh.size():
+            raise PlanError(f"cache dim {d} of size {shape[d]} does not split evenly over tp {mesh.size()}")
+        local[d] //= mesh.size()
+    return DTensor.from_local(torch.zeros(local, dtype=dtype, device=device), mesh, [placement], run_check=False,
+                              shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+
+
+def _check_same_cache(prefill: dict, decode: dict) -> None:
+    diff = sorted(f for f in set(prefill) | set(decode) if prefill.get(f) != decode.get(f))
+    if diff:
+        f = diff[0]
+        raise PlanError(f"the prefill and decode plans lay out the KV cache differently ({f}: {prefill.get(f)} vs "
+                        f"{decode.get(f)}); one cache serves both, so generate cannot run this plan")
