@@ -39,7 +39,9 @@ def _greedy(name: str, execution: str = "dtensor", new: int = 8, **overrides) ->
     cache = {f: (_kind(b), tuple(b._local_tensor.shape if isinstance(b, DTensor) else b.shape))
              for f, b in programs.module.named_buffers() if f.endswith("keys_0")}
     return {"equal": torch.equal(out, expect), "out": out.tolist(), "expect": expect.tolist(), "cache": cache,
-            "bytes": programs.cache_bytes(), "notes": programs.module.lowering_notes}
+            "bytes": programs.cache_bytes(), "held": programs.held_bytes(), "report": programs.report(),
+            "notes": programs.module.lowering_notes, "layers": model.config.num_hidden_layers,
+            "head_dim": getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads}
 
 
 @pytest.mark.parametrize("name,execution", [("tiny-llama", "dtensor"), ("tiny-llama", "lowered"), ("tiny-qwen2", "dtensor"),
@@ -51,6 +53,16 @@ def test_greedy_equals_unsharded_generate_tp2(ranks2, name, execution):
         # 2 KV heads over tp 2: each rank caches one head of every sequence
         (placement, shape), = r["cache"].values()
         assert placement == "shard 1" and shape[1] == 1, r["cache"]
+        _assert_cache_report(r, kv_heads_per_rank=1)
+
+
+def _assert_cache_report(r: dict, kv_heads_per_rank: int, slots: int = 64, batch: int = 2):
+    per_token = r["layers"] * 2 * kv_heads_per_rank * r["head_dim"] * 4   # keys and values, fp32
+    assert r["bytes"] == {"per_rank": per_token * batch * slots, "per_token": per_token, "per_sequence": per_token * slots}, r["bytes"]
+    assert r["held"] == r["bytes"]["per_rank"]          # what the rank stores is what the report says
+    from autoshard.schema.units import format_bytes
+
+    assert f"per token {format_bytes(per_token)}" in r["report"] and "one decode step:" in r["report"], r["report"]
 
 
 def test_greedy_tp4_with_two_kv_heads_keeps_kv_whole(ranks4):
@@ -59,6 +71,8 @@ def test_greedy_tp4_with_two_kv_heads_keeps_kv_whole(ranks4):
         assert r["equal"], (r["out"], r["expect"])
         (placement, shape), = r["cache"].values()
         assert placement == "replicate" and shape[1] == 2, r["cache"]
+        _assert_cache_report(r, kv_heads_per_rank=2)
+        assert "K/V replicated" in r["report"]
 
 
 def test_greedy_tp4_splits_the_cache_by_kv_heads(ranks4):
@@ -66,6 +80,7 @@ def test_greedy_tp4_splits_the_cache_by_kv_heads(ranks4):
         assert r["equal"], (r["out"], r["expect"])
         (placement, shape), = r["cache"].values()
         assert placement == "shard 1" and shape[1] == 1, r["cache"]
+        _assert_cache_report(r, kv_heads_per_rank=1)
 
 
 def _eos_and_padding() -> dict:

@@ -163,6 +163,13 @@ class ShardedModule(nn.Module):
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
+    def generation_programs(self, batch: int, max_length: int):
+        """The prefill and decode programs `generate` runs for `batch` sequences of up to
+        `max_length` tokens (planned on first use): `.report()` shows the cache and a decode step."""
+        from autoshard.serve.generate import cached_programs
+
+        return cached_programs(self, batch, max_length)
+
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if self.unset_buffers:

@@ -39,12 +39,24 @@ def render_report(plan: Plan) -> str:
     lines += ["", "Collectives per forward: " + (", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none")]
     if plan.estimate:
         lines += ["", *_estimate_lines(plan.estimate)]
+    if plan.estimate and plan.estimate.get("kv_cache"):
+        lines += ["", *kv_cache_lines(plan.estimate["kv_cache"])]
     if plan.implicit:
         lines += ["", "Unplanned redistributions DTensor will insert (correct, but not optimal):"]
         lines += [f"  {r['source']} -> {r['consumer']}: {r['src']} -> {r['dst']} ({r['collective']}, {_bytes(r['nbytes'])})" for r in plan.implicit]
     if plan.notes:
         lines += ["", "Notes"] + [f"  - {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def kv_cache_lines(c: dict) -> list[str]:
+    """The KV cache a generation plan writes: its layout, its bytes per rank, one decode step's collectives."""
+    counts = ", ".join(f"{k} x{v}" for k, v in sorted(c["decode_collectives"].items())) or "none"
+    return [
+        f"KV cache ({c['layers']} layers, batch {c['batch']} x {c['slots']} slots, {c['dtype']}): {', '.join(c['placements'])} — {c['why']}",
+        f"  per rank {_bytes(c['bytes_per_rank'])}; per token {_bytes(c['bytes_per_token'])}; per sequence ({c['slots']} slots) {_bytes(c['bytes_per_sequence'])}",
+        f"  one decode step: {counts} ({_bytes(c['decode_collective_bytes'])} moved)",
+    ]
 
 
 def _estimate_lines(e: dict) -> list[str]:

@@ -15,6 +15,7 @@ is a tensor), so it compiles once.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 
 import torch
@@ -60,6 +61,10 @@ class CachedPrograms:
         module.add_program(prefill)
         module.add_program(decode)
         self.module = module
+        self.shapes = shapes
+        layout = self.cache_layout(sharded.config)
+        for program in module.programs:   # each plan's report shows the cache it writes
+            program.plan.estimate = {**(program.plan.estimate or {}), "kv_cache": layout}
 
     @property
     def prefill(self) -> Program:
@@ -78,14 +83,48 @@ class CachedPrograms:
     def __call__(self, ids, mask, positions, slots) -> torch.Tensor:
         return self.module(ids, mask, positions, slots)
 
+    def cache_layout(self, config=None) -> dict:
+        """How the cache is laid out and what it costs each rank (`Plan.report` shows it)."""
+        tp = self.module.tp_mesh.size()
+        kinds = sorted({_placement_name(self.placements.get(f)) for f in _cache_buffers(self.shapes)})
+        kv_heads = self.shapes[0][0][1]
+        split = all(k.startswith("Shard(1)") for k in kinds)
+        if split:
+            why = f"split by KV heads with the attention: {kv_heads // tp} of {kv_heads} KV heads per rank"
+        else:
+            why = (f"whole on every rank: the keys/values written are replicated ({kv_heads} KV heads, tp {tp}"
+                   + (f" > {kv_heads}: K/V replicated" if tp > kv_heads else "") + ")")
+        sizes = self.cache_bytes()
+        decode = self.decode.plan
+        return {"batch": self.batch, "slots": self.capacity, "layers": len(self.shapes), "kv_heads": kv_heads,
+                "dtype": str(self.shapes[0][2]).replace("torch.", ""), "placements": kinds, "why": why,
+                "bytes_per_rank": sizes["per_rank"], "bytes_per_token": sizes["per_token"], "bytes_per_sequence": sizes["per_sequence"],
+                "decode_collectives": decode.collective_counts(),
+                "decode_collective_bytes": sum(b.bytes for b in decode.boundaries if b.collective)}
+
+    def report(self) -> str:
+        """The serving plan: the cache, then the decode step's plan (collectives by name)."""
+        from autoshard.schema.report import kv_cache_lines
+
+        return "\n".join(kv_cache_lines(self.decode.plan.estimate["kv_cache"]) + ["", self.decode.plan.report()])
+
     def cache_bytes(self) -> dict[str, int]:
-        """Bytes of the cache this rank holds, and per token of every sequence (all layers)."""
-        local = 0
+        """Bytes of the cache each rank holds by the plan (shapes and placements), and per token
+        of every sequence (all layers)."""
+        tp, local = self.module.tp_mesh.size(), 0
+        for fqn, (shape, dtype) in _cache_buffers(self.shapes).items():
+            p = self.placements.get(fqn)
+            local += math.prod(shape) * dtype.itemsize // (tp if p is not None and p.is_shard() else 1)
+        return {"per_rank": local, "per_token": local // (self.batch * self.capacity), "per_sequence": local // self.batch}
+
+    def held_bytes(self) -> int:
+        """Bytes of cache this rank actually stores (its local tensors)."""
+        total = 0
         for fqn in _cache_buffers_of(self.module):
             t = self.module.get_buffer(fqn)
             t = t._local_tensor if isinstance(t, DTensor) else t
-            local += t.numel() * t.element_size()
-        return {"per_rank": local, "per_token": local // (self.batch * self.capacity), "per_sequence": local // self.batch}
+            total += t.numel() * t.element_size()
+        return total
 
 
 @contextmanager
@@ -114,6 +153,12 @@ def _cache_buffers(shapes) -> dict[str, tuple[tuple, torch.dtype]]:
         out[f"{CachedLM.CACHE}.keys_{i}"] = (k, dtype)
         out[f"{CachedLM.CACHE}.values_{i}"] = (v, dtype)
     return out
+
+
+def _placement_name(p) -> str:
+    if p is None:
+        return "plain"
+    return f"Shard({p.dim})" if p.is_shard() else "Replicate()" if p.is_replicate() else str(p)
 
 
 def _cache_buffers_of(module) -> list[str]:
