@@ -44,6 +44,7 @@ def _greedy(name: str, execution: str = "dtensor", new: int = 8, **overrides) ->
             "head_dim": getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads}
 
 
+# generate runs lowered programs either way; "dtensor" is a module made without lower=True
 @pytest.mark.parametrize("name,execution", [("tiny-llama", "dtensor"), ("tiny-llama", "lowered"), ("tiny-qwen2", "dtensor"),
                                             ("tiny-qwen3", "lowered"), ("tiny-mixtral", "dtensor")])
 def test_greedy_equals_unsharded_generate_tp2(ranks2, name, execution):
@@ -65,14 +66,15 @@ def _assert_cache_report(r: dict, kv_heads_per_rank: int, slots: int = 64, batch
     assert f"per token {format_bytes(per_token)}" in r["report"] and "one decode step:" in r["report"], r["report"]
 
 
-def test_greedy_tp4_with_two_kv_heads_keeps_kv_whole(ranks4):
-    # tp 4 > 2 KV heads: K/V are replicated, so is the cache (each rank holds both heads)
+def test_greedy_tp4_with_two_kv_heads_stores_one_kv_head_per_rank(ranks4):
+    # tp 4 > 2 KV heads: K/V are replicated; the cache keeps each KV head on the two ranks whose
+    # query heads read it (stored repeated to 4 heads, split by heads): half the cache per rank
     for r in ranks4.run(_greedy, "tiny-llama", "lowered"):
         assert r["equal"], (r["out"], r["expect"])
         (placement, shape), = r["cache"].values()
-        assert placement == "replicate" and shape[1] == 2, r["cache"]
-        _assert_cache_report(r, kv_heads_per_rank=2)
-        assert "K/V replicated" in r["report"]
+        assert placement == "shard 1" and shape[1] == 1, r["cache"]
+        _assert_cache_report(r, kv_heads_per_rank=1)
+        assert "K/V replicated" in r["report"], r["report"]
 
 
 def test_greedy_tp4_splits_the_cache_by_kv_heads(ranks4):
@@ -81,6 +83,43 @@ def test_greedy_tp4_splits_the_cache_by_kv_heads(ranks4):
         (placement, shape), = r["cache"].values()
         assert placement == "shard 1" and shape[1] == 1, r["cache"]
         _assert_cache_report(r, kv_heads_per_rank=1)
+
+
+def _cached_lm_on_dtensors(lower: bool, repeat: int) -> dict:
+    """The cached program itself, planned by autoshard() (DTensor or lowered): prefill logits and
+    the cache written equal the unsharded CachedLM's."""
+    import autoshard
+    from autoshard.serve.static_cache import CachedLM
+
+    model = tiny_model("tiny-llama").eval()
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    mask[:, :5] = 1
+    mask[0, :2] = 0
+    pos = (mask[:, :5].cumsum(-1) - 1).clamp(min=0)
+    args = (ids, mask, pos, torch.arange(5))
+    ref = CachedLM(model, 2, 16).eval()
+    sharded = autoshard.autoshard(CachedLM(model, 2, 16, kv_repeat=repeat).eval(), tp_mesh(), example_inputs=args, lower=lower)
+    with torch.no_grad():
+        logits = sharded(*args)
+        expect = ref(*args)
+    keys = sharded.get_buffer("autoshard_kv_cache.keys_1")
+    whole = keys.full_tensor()[:, ::repeat]   # one copy of each KV head
+    return {"logits": (logits - expect).abs().max().item(), "cache": (whole - ref.get_buffer("autoshard_kv_cache.keys_1")).abs().max().item(),
+            "placement": _kind(keys), "local_heads": keys._local_tensor.shape[1], "notes": sharded.lowering_notes}
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_cached_program_with_repeated_kv_heads_tp4(ranks4, lower):
+    for r in ranks4.run(_cached_lm_on_dtensors, lower, 2):
+        assert r["logits"] < 1e-5 and r["cache"] < 1e-6, r
+        assert r["placement"] == "shard 1" and r["local_heads"] == 1 and r["notes"] == [], r
+
+
+def test_cached_program_split_by_kv_heads_tp2(ranks2):
+    for r in ranks2.run(_cached_lm_on_dtensors, False, 1):
+        assert r["logits"] < 1e-5 and r["cache"] < 1e-6, r
+        assert r["placement"] == "shard 1" and r["local_heads"] == 1, r
 
 
 def _eos_and_padding() -> dict:

@@ -327,7 +327,10 @@ class LocalStateWrite(RuntimeOp):
         self.target = target   # what the lowered program runs on the local shards
 
     def forward(self, buffer, *args):
-        local = pytree.tree_map(lambda a: a.to_local() if isinstance(a, DTensor) else a, args)
+        # a replicated value written into a split buffer: each rank's slice of it (no communication)
+        local = pytree.tree_map(lambda a: a.redistribute(a.device_mesh, buffer.placements).to_local()
+                                if isinstance(a, DTensor) and a.ndim == buffer.ndim else
+                                a.to_local() if isinstance(a, DTensor) else a, args)
         # the buffer's own storage, written in place (`to_local()` is a view made in a custom
         # autograd Function, which autograd forbids writing when the values carry a gradient)
         out = self.target(buffer._local_tensor, *local)

@@ -184,6 +184,12 @@ class _Lowering:
                     raise LoweringError(f"{node.name}: {a.name} is whole on every rank next to a split product; "
                                         "its partial gradient is not lowered")
                 self._convert(node, a, want)
+        elif isinstance(mod, runtime.LocalStateWrite):
+            buffer = self.placement.get(node.args[0])
+            for a in node.all_input_nodes[1:]:
+                val = self._val(a)
+                if buffer is not None and isinstance(val, torch.Tensor) and val.ndim == self._val(node.args[0]).ndim:
+                    self._convert(node, a, buffer)   # a replicated value into a split buffer: the local slice
         elif isinstance(mod, runtime.ReplicatedLocal):
             for a in node.all_input_nodes:
                 if self.placement.get(a) not in (None, REPLICATE):  # DTensor would gather it inside the module

@@ -310,6 +310,8 @@ def _local_state_writes(g: _Editing, captured: Captured, sim: Simulation) -> Non
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         g.graph.erase_node(node)
+        g.nodes[node.name] = new   # later passes find the write under its exported name,
+        sim.specs[new.name] = sim.specs.get(node.name)   # and its placement under its new one
 
 
 def state_placements(captured: Captured, sim: Simulation) -> dict[str, Placement]:

@@ -40,6 +40,7 @@ class Captured:
     tied: dict[str, str] = field(default_factory=dict)  # FQN -> the FQN it shares storage with
     seq_dim_symbols: set = field(default_factory=set)  # sympy symbols of sequence lengths
     training: bool = True             # the module mode export saw (dropout etc. are baked in)
+    state_layouts: dict = field(default_factory=dict)  # buffer FQN -> Placement the module declares for state it writes
 
 
 def normalize_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
@@ -222,6 +223,7 @@ def capture(model: torch.nn.Module, example_inputs, device: str = "meta") -> Cap
         model_name=type(model).__name__,
         tied=tied_parameters(model),
         training=skeleton.training,
+        state_layouts=dict(getattr(model, "autoshard_state_layouts", None) or {}),
     )
     captured.seq_dim_symbols = _seq_symbols(program, tensors)
     simplify(program.graph_module)

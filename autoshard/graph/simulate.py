@@ -210,7 +210,14 @@ class PlacementSimulator:
         vspec = operands.get(value.name) if isinstance(value, fx.Node) else None
         if not isinstance(vspec, DTensorSpec) or reads_before_write(node, buffer):
             return None
-        placement = local_write_placement(node, vspec.placements[0])
+        placement = vspec.placements[0]
+        declared = self.analysis.captured.state_layouts.get(self.analysis.captured.buffer_fqns[buffer.name])
+        if declared is not None and placement.is_replicate():
+            # the module lays its state out itself (a KV cache of KV heads repeated to tp): each
+            # rank writes its slice of the replicated values, a local slice
+            placement = declared
+            vspec = self._move(sim, vspec, (declared,), value.name, node.name, planned=False)
+        placement = local_write_placement(node, placement)
         if placement is None:
             return None
         spec = self._spec(buffer.meta["val"], placement)

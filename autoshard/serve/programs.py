@@ -7,7 +7,7 @@ step: the sequence is 1, so the cost model has no sequence to split). Both progr
 sharded module's own parameter objects and write one cache, laid out by the plan: split by KV
 heads where attention is, whole where K/V are replicated (tp > KV heads).
 
-The programs run the way the sharded module runs (DTensor, lowered, or lowered and compiled);
+The programs run lowered to local tensors (compiled where the sharded module is compiled);
 compiled, the decode program sees the same shapes every token (the cache is static, the slot
 is a tensor), so it compiles once.
 """
@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Placement
 
 from autoshard.execute.module import Program, ShardedModule
 from autoshard.execute.rewrite import state_placements
-from autoshard.execute.runners import DTensorExecution, LoweredExecution
+from autoshard.execute.runners import LoweredExecution
 from autoshard.schema.errors import PlanError
 from autoshard.serve.static_cache import CachedLM, cache_shapes
 
@@ -41,11 +41,19 @@ class CachedPrograms:
         self.batch, self.capacity = batch, capacity
         skeleton = planner.skeleton
         shapes = cache_shapes(skeleton, batch, capacity, sharded.tp_mesh.device_type)
-        cached = CachedLM(skeleton, batch, capacity, shapes)
+        self.kv_heads, self.notes = shapes[0][0][1], []
         placed = {f: p.placement for f, p in sharded.plan.params.items()}
-        prefill = planner.build(self.example(PREFILL_EXAMPLE), pinned=placed, skeleton=cached)
-        with _quiet_specialisation():   # a decode step is one token by design: export's 0/1 note is noise
-            decode = planner.build(self.example(1), pinned=placed, skeleton=cached, sequence_parallel=False)
+        repeat = kv_repeat(sharded.plan, self.kv_heads, sharded.tp_mesh.size())
+        try:
+            cached, prefill, decode = self._plan(planner, skeleton, shapes, placed, repeat)
+        except Exception as e:  # noqa: BLE001 - the repeated layout is an optimisation; the whole cache is exact
+            if repeat == 1:
+                raise
+            self.notes.append(f"KV heads not repeated to tp ({e}); the cache holds every KV head on every rank")
+            repeat = 1
+            cached, prefill, decode = self._plan(planner, skeleton, shapes, placed, repeat)
+        self.kv_repeat = repeat
+        shapes = [(_times(k, repeat), _times(v, repeat), dtype) for k, v, dtype in shapes]
         self.placements = state_placements(prefill.captured, prefill.simulation)
         _check_same_cache(self.placements, state_placements(decode.captured, decode.simulation))
 
@@ -61,10 +69,21 @@ class CachedPrograms:
         module.add_program(prefill)
         module.add_program(decode)
         self.module = module
-        self.shapes = shapes
+        self.shapes = shapes   # as stored (KV heads repeated kv_repeat times)
         layout = self.cache_layout(sharded.config)
         for program in module.programs:   # each plan's report shows the cache it writes
             program.plan.estimate = {**(program.plan.estimate or {}), "kv_cache": layout}
+
+    def _plan(self, planner, skeleton, shapes, placed, repeat):
+        cached = CachedLM(skeleton, self.batch, self.capacity, shapes, kv_repeat=repeat)
+        # The cost model prices training steps; a generation step has no backward and keeps no
+        # activations, so sequence parallelism would only turn each all-reduce into a
+        # reduce-scatter + all-gather: prefill is planned without it unless the module asked for it.
+        sp = True if planner.sequence_parallel else False
+        prefill = planner.build(self.example(PREFILL_EXAMPLE), pinned=placed, skeleton=cached, sequence_parallel=sp)
+        with _quiet_specialisation():   # a decode step is one token by design: export's 0/1 note is noise
+            decode = planner.build(self.example(1), pinned=placed, skeleton=cached, sequence_parallel=False)
+        return cached, prefill, decode
 
     @property
     def prefill(self) -> Program:
@@ -87,9 +106,12 @@ class CachedPrograms:
         """How the cache is laid out and what it costs each rank (`Plan.report` shows it)."""
         tp = self.module.tp_mesh.size()
         kinds = sorted({_placement_name(self.placements.get(f)) for f in _cache_buffers(self.shapes)})
-        kv_heads = self.shapes[0][0][1]
+        kv_heads = self.kv_heads
         split = all(k.startswith("Shard(1)") for k in kinds)
-        if split:
+        if split and self.kv_repeat > 1:
+            why = (f"{kv_heads} KV heads < tp {tp}: K/V replicated, each KV head stored on the {self.kv_repeat} ranks whose "
+                   f"query heads read it, 1 of {kv_heads} KV heads per rank")
+        elif split:
             why = f"split by KV heads with the attention: {kv_heads // tp} of {kv_heads} KV heads per rank"
         else:
             why = (f"whole on every rank: the keys/values written are replicated ({kv_heads} KV heads, tp {tp}"
@@ -139,12 +161,15 @@ def _quiet_specialisation():
 
 
 def _execution_like(sharded: ShardedModule):
+    """Compiled where the module is compiled; otherwise lowered, eagerly: generation needs no
+    backward, and the local program skips DTensor's dispatch on every op of every token (a
+    program the lowering cannot express runs on DTensors, as `lowering_notes` says)."""
     kind = sharded.execution.kind
-    if kind in ("lowered", "compiled"):
+    if kind == "compiled":
         return LoweredExecution(sharded.execution.options)
-    if kind != "dtensor":
+    if kind not in ("dtensor", "lowered"):
         raise PlanError(f"generate runs on DTensor, lowered or compiled modules; this one runs {kind!r}")
-    return DTensorExecution()
+    return LoweredExecution(None)
 
 
 def _cache_buffers(shapes) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -177,6 +202,19 @@ def _cache_tensor(shape, dtype, device, placement: Placement | None, mesh) -> to
         local[d] //= mesh.size()
     return DTensor.from_local(torch.zeros(local, dtype=dtype, device=device), mesh, [placement], run_check=False,
                               shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+
+
+def kv_repeat(plan, kv_heads: int, tp: int) -> int:
+    """How many times to store each KV head so the cache splits by heads over tp: tp / KV heads
+    when tp > KV heads and the plan splits attention by heads (K/V replicated); else 1."""
+    heads_split = bool(plan.attention) and all(str(p) in ("Shard(1)", "S(1)") for p in plan.attention.values())
+    if tp > kv_heads and tp % kv_heads == 0 and heads_split:
+        return tp // kv_heads
+    return 1
+
+
+def _times(shape: tuple, k: int) -> tuple:
+    return (shape[0], shape[1] * k, *shape[2:])
 
 
 def _check_same_cache(prefill: dict, decode: dict) -> None:

@@ -29,17 +29,21 @@ from autoshard.schema.errors import PlanError
 
 
 class _SlotLayer:
-    """One layer's cache: `update` writes the new keys/values at `slots` and returns the whole cache."""
+    """One layer's cache: `update` writes the new keys/values at `slots` and returns the whole
+    cache; with `repeat` > 1 each KV head is stored `repeat` times (see `CachedLM`)."""
 
     is_sliding = False
     is_compileable = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values, self.slots = keys, values, None
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeat: int = 1):
+        self.keys, self.values, self.slots, self.repeat = keys, values, None, repeat
         self.is_initialized = True
         self.max_cache_len = keys.shape[2]
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.repeat > 1:
+            key_states = key_states.repeat_interleave(self.repeat, dim=1)
+            value_states = value_states.repeat_interleave(self.repeat, dim=1)
         self.keys.index_copy_(2, self.slots, key_states)
         self.values.index_copy_(2, self.slots, value_states)
         return self.keys, self.values
@@ -61,15 +65,19 @@ class _Buffers(nn.Module):
 class CachedLM(nn.Module):
     CACHE = "autoshard_kv_cache"
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, shapes: list[tuple[tuple, tuple, torch.dtype]] | None = None):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, shapes: list[tuple[tuple, tuple, torch.dtype]] | None = None,
+                 kv_repeat: int = 1):
         super().__init__()
+        shapes = shapes if shapes is not None else cache_shapes(model, batch, max_len)
+        if kv_repeat > 1:
+            model = repeated_kv_heads(model, kv_repeat)
+            shapes = [(_heads_times(k, kv_repeat), _heads_times(v, kv_repeat), dtype) for k, v, dtype in shapes]
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
             self.register_parameter(name, p)
         self._model = [model]   # not a submodule: its children are ours, under the same names
-        self.batch, self.max_len = batch, max_len
-        shapes = shapes if shapes is not None else cache_shapes(model, batch, max_len)
+        self.batch, self.max_len, self.kv_repeat = batch, max_len, kv_repeat
         device = next(model.parameters()).device
         cache = _Buffers()
         for i, (k, v, dtype) in enumerate(shapes):
@@ -77,6 +85,10 @@ class CachedLM(nn.Module):
             cache.register_buffer(f"values_{i}", torch.zeros(v, dtype=dtype, device=device), persistent=False)
         self.add_module(self.CACHE, cache)
         self.n_layers = len(shapes)
+        if kv_repeat > 1:   # each rank stores the one KV head group its query heads read
+            from torch.distributed.tensor import Shard
+
+            self.autoshard_state_layouts = {f"{self.CACHE}.{kind}_{i}": Shard(1) for i in range(self.n_layers) for kind in ("keys", "values")}
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @property
@@ -87,7 +99,7 @@ class CachedLM(nn.Module):
         from transformers.cache_utils import Cache
 
         cache_mod = getattr(self, self.CACHE)
-        layers = [_SlotLayer(getattr(cache_mod, f"keys_{i}"), getattr(cache_mod, f"values_{i}")) for i in range(self.n_layers)]
+        layers = [_SlotLayer(getattr(cache_mod, f"keys_{i}"), getattr(cache_mod, f"values_{i}"), self.kv_repeat) for i in range(self.n_layers)]
         for layer in layers:
             layer.slots = cache_position
         cache = Cache(layers=layers)
@@ -100,6 +112,30 @@ class CachedLM(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         return next(t.dtype for t in self.parameters() if t.is_floating_point())
+
+
+def _heads_times(shape: tuple, k: int) -> tuple:
+    return (shape[0], shape[1] * k, *shape[2:])
+
+
+def repeated_kv_heads(model: nn.Module, repeat: int) -> nn.Module:
+    """A copy of `model` whose attention expects each KV head `repeat` times in the cache: every
+    module's `num_key_value_groups` (how many query heads share a KV head: transformers' eager
+    and SDPA paths repeat K/V by it) divided by `repeat`. With tp > KV heads and `repeat` =
+    tp / KV heads, the cache has tp heads, and splitting it by heads gives each rank exactly
+    the KV head its query heads read (vLLM's replicated KV heads)."""
+    model = copy.deepcopy(model)
+    found = False
+    for mod in model.modules():
+        groups = getattr(mod, "num_key_value_groups", None)
+        if isinstance(groups, int):
+            if groups % repeat:
+                raise PlanError(f"{type(mod).__name__}.num_key_value_groups={groups} is not a multiple of {repeat}")
+            mod.num_key_value_groups = groups // repeat
+            found = True
+    if not found:
+        raise PlanError(f"{type(model).__name__} has no attention module with num_key_value_groups to repeat KV heads for")
+    return model
 
 
 def step_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
