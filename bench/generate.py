@@ -10,8 +10,10 @@ left-padded prompts, greedy, eos off so every variant generates the same number 
                  (q/k/v/gate/up `ColwiseParallel`, o/down `RowwiseParallel`, lm_head column with
                  gathered output; local outputs, so transformers' DynamicCache holds each rank's
                  heads), driven by `model.generate`;
-  3. autoshard   `sharded.generate` (KV cache split by heads, prefill + decode programs) on
-                 DTensors, lowered (eager), and lowered + `torch.compile` (inductor).
+  3. autoshard   `sharded.generate` (KV cache split by heads, prefill + decode programs) on a
+                 module made plainly ("dtensor"), with `lower=True` and with `compile=` (inductor).
+                 generate runs its cached programs lowered in the first two (no backward, no
+                 DTensor dispatch per token), so those rows differ by noise only.
 Prefill = a generate of 1 new token; a decode step = (generate of N tokens - prefill) / (N - 1);
 decode tokens/s = batch / decode step. Medians of `--repeats` after one warm-up generate (which
 also plans and compiles autoshard's programs; that time is reported separately).
@@ -167,6 +169,8 @@ def report(rows: list[dict], machine: str, args) -> str:
         ratio = f"{r['decode_tok_s'] / hand['decode_tok_s']:.2f}x" if hand.get("decode_tok_s") else "-"
         lines.append(f"| {v} | {r.get('same_tokens', '-')} | {r['prefill_s'] * 1e3:.1f} ms | {r['decode_step_s'] * 1e3:.2f} ms | "
                      f"{r['decode_tok_s']:.0f} | {ratio} | {r['first_s']:.1f} s |")
+    lines += ["", "\"autoshard dtensor\" is `autoshard(model, mesh)`, \"lowered\" adds `lower=True`: generate runs the cached programs "
+              "lowered in both (no backward, no DTensor dispatch per token), so those two rows differ by noise only."]
     cache = next((r["cache"] for r in rows if r.get("cache")), None)
     if cache:
         lines += ["", f"autoshard's KV cache: {', '.join(cache['placements'])} — {cache['why']}; "
