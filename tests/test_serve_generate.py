@@ -66,10 +66,11 @@ def _assert_cache_report(r: dict, kv_heads_per_rank: int, slots: int = 64, batch
     assert f"per token {format_bytes(per_token)}" in r["report"] and "one decode step:" in r["report"], r["report"]
 
 
-def test_greedy_tp4_with_two_kv_heads_stores_one_kv_head_per_rank(ranks4):
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_greedy_tp4_with_two_kv_heads_stores_one_kv_head_per_rank(ranks4, name):
     # tp 4 > 2 KV heads: K/V are replicated; the cache keeps each KV head on the two ranks whose
     # query heads read it (stored repeated to 4 heads, split by heads): half the cache per rank
-    for r in ranks4.run(_greedy, "tiny-llama", "lowered"):
+    for r in ranks4.run(_greedy, name, "lowered"):
         assert r["equal"], (r["out"], r["expect"])
         (placement, shape), = r["cache"].values()
         assert placement == "shard 1" and shape[1] == 1, r["cache"]
