@@ -67,6 +67,28 @@ def _set(params, reasons, fqn, placement, why, region):
     reasons[fqn] = (why, region)
 
 
+def unused_parameter_splits(analysis: GraphAnalysis, tp: int) -> tuple[dict[str, Placement], dict[str, tuple[str, None]]]:
+    """Parameters no op of this program reads (a decoder-only call's cross-attention, a text-only
+    call's vision tower) hold 1/tp each: split on their largest dim tp divides. They change no
+    value; a later call that reads them is re-planned with them where they are (and refused,
+    naming the parameter, if it needs them split another way)."""
+    captured = analysis.captured
+    tied = set(captured.tied) | set(captured.tied.values())
+    params, reasons = {}, {}
+    for ph, fqn in captured.param_fqns.items():
+        node = analysis.nodes[ph]
+        if node.users or fqn in tied:
+            continue
+        shape = [int(s) for s in node.meta["val"].shape]
+        dims = [d for d in range(len(shape)) if shape[d] >= tp and shape[d] % tp == 0]
+        if not dims:
+            continue
+        d = max(dims, key=lambda i: (shape[i], -i))
+        params[fqn] = Shard(d)
+        reasons[fqn] = (f"unused by this program (no op reads it): split on dim {d} so each rank holds 1/tp of it", None)
+    return params, reasons
+
+
 def region_params(analysis, c: Candidate) -> dict[str, Placement]:
     params, _, _ = param_placements(analysis, [c])
     return params

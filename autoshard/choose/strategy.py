@@ -27,7 +27,7 @@ from torch.distributed.tensor.placement_types import Placement
 from autoshard.choose.assemble import assemble
 from autoshard.choose.boundaries import region_boundaries, sharded_outputs
 from autoshard.choose.budget import budget_error, layout_note, resolve_budget, resolve_hardware
-from autoshard.choose.params import param_placements, reconcile_ties, region_params
+from autoshard.choose.params import param_placements, reconcile_ties, region_params, unused_parameter_splits
 from autoshard.choose.pricer import Pricer, estimate_plan
 from autoshard.cost.strategies import LayoutCosts, solve
 from autoshard.graph.label import Candidate, Labels
@@ -98,6 +98,9 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
         if picked[id(c)].sharded:
             final_params.update(region_params(analysis, c))
     final_params = {f: p for f, p in params.items() if f in final_params}
+    unused, unused_reasons = unused_parameter_splits(analysis, mesh_info["tp"])
+    final_params.update(unused)
+    reasons.update(unused_reasons)
     boundaries = region_boundaries(analysis, regions, picked, sol.layout)
     kept_sharded = sharded_outputs(regions, picked)
     sim = simulator.run(final_params, boundaries, sharded_outputs=kept_sharded)
