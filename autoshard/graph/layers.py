@@ -26,13 +26,22 @@ _INDEX_ATTRS = {"layer_idx", "layer_id", "layer_index", "layer_number", "idx"}
 _PLAIN = (int, float, bool, str, type(None))
 
 
+MAX_PREFIX = 8   # distinct leading layers allowed before the identical run (DeepSeek-V3's 3 dense layers)
+
+
 @dataclass(frozen=True)
 class LayerStack:
-    """`count` structurally identical modules in the `nn.ModuleList` at `path`."""
+    """The `nn.ModuleList` at `path` of `count` layers, identical from layer `start` to the end
+    (the `start` layers before may differ: DeepSeek-V3's dense layers before its MoE ones)."""
 
     path: str
     count: int
     params_per_layer: int
+    start: int = 0
+
+    @property
+    def repeating(self) -> int:
+        return self.count - self.start
 
 
 def layer_signature(layer: nn.Module) -> tuple:
@@ -67,20 +76,24 @@ def _plain(v):
 
 
 def find_layer_stack(model: nn.Module, min_count: int = 2) -> tuple[LayerStack | None, str]:
-    """The largest `nn.ModuleList` of identical layers, or (None, why there is none)."""
+    """The largest `nn.ModuleList` of layers identical from some layer to the end (at most
+    `MAX_PREFIX` distinct layers first, and fewer than the identical ones), or (None, why)."""
     best: LayerStack | None = None
     why = "no nn.ModuleList of layers"
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < min_count:
             continue
-        first = layer_signature(mod[0])
-        differ = next((i for i, layer in enumerate(mod) if i and layer_signature(layer) != first), None)
-        if differ is not None:
+        sigs = [layer_signature(layer) for layer in mod]
+        start = len(sigs) - 1
+        while start > 0 and sigs[start - 1] == sigs[-1]:
+            start -= 1
+        if start and (start > MAX_PREFIX or len(sigs) - start < max(min_count, start + 1)):
+            differ = next(i for i, sig in enumerate(sigs) if sig != sigs[0])
             why = f"{path}.{differ} differs in structure from {path}.0"
             continue
-        size = sum(p.numel() for p in mod[0].parameters())
-        if best is None or size * len(mod) > best.params_per_layer * best.count:
-            best = LayerStack(path, len(mod), size)
+        size = sum(p.numel() for p in mod[-1].parameters())
+        if best is None or size * (len(mod) - start) > best.params_per_layer * best.repeating:
+            best = LayerStack(path, len(mod), size, start)
     if best is not None:
         uneven = _per_layer_config_lists(model, best)
         if uneven:
@@ -95,13 +108,14 @@ def _per_layer_config_lists(model: nn.Module, stack: LayerStack) -> str:
         return ""
     for key, value in vars(config).items():
         if isinstance(value, (list, tuple)) and len(value) == stack.count and stack.count > 1:
-            if any(v != value[0] for v in value):
+            if any(v != value[-1] for v in value[stack.start:]):
                 return f"config.{key} differs between layers ({sorted(set(map(str, value)))})"
     return ""
 
 
 def truncated(model: nn.Module, stack: LayerStack, keep: int) -> nn.Module:
-    """`model` with only the first `keep` layers of `stack`, sharing every other module.
+    """`model` with only the first `keep` layers of `stack` (the distinct leading ones
+    included), sharing every other module.
 
     Modules on the path from the root to the layer list are shallow copies (their own
     `_modules` dicts), so the original is untouched; the config those modules hold is a copy with

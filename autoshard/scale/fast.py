@@ -84,7 +84,8 @@ def plan_layers_once(
         attempts = ()
         result.fallback = (f"memory_budget={plan_kwargs['memory_budget']!r} bounds the whole model's memory, which a "
                            "truncation does not have: planned in full")
-    for keep in attempts:
+    for repeating in attempts:
+        keep = repeating + (stack.start if stack is not None else 0)   # the distinct leading layers, and `repeating` identical ones
         if stack is None or stack.count <= keep:
             result.fallback = result.fallback or f"{stack.path} has {stack.count} layers: planned in full"
             break
