@@ -34,6 +34,7 @@ from autoshard.graph.label import Labels, label
 from autoshard.graph.simulate import PlacementSimulator, Simulation, simulate
 from autoshard.schema.errors import MemoryBudgetError, PlanError
 from autoshard.schema.plan import Plan
+from autoshard.serve.generate import Serving
 
 # (pass, detail, seconds): called with None when a pass starts and with its time when it ends
 Progress = Callable[[str, str, float | None], None]
@@ -155,6 +156,7 @@ def autoshard(
     placed = {f: p.placement for f, p in first.plan.params.items()}
     sharded = ShardedModule(model, mesh, tp_mesh, replan=planner.pinned_to(placed), execution=DTensorExecution())
     sharded.planner = planner
+    sharded.serving = Serving(sharded)                                                #    generate's programs, planned on first use
     distribute_parameters(model, sharded, first.plan, first.captured, tp_mesh,
                           state=state_placements(first.captured, first.simulation))   # 7. parameters -> DTensors
     sharded.add_program(first)

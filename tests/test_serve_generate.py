@@ -35,7 +35,7 @@ def _greedy(name: str, execution: str = "dtensor", new: int = 8, **overrides) ->
     expect = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
     sharded = autoshard.autoshard(model, tp_mesh(), lower=execution == "lowered")
     out = sharded.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0)
-    programs = next(iter(sharded._cached_programs.values()))
+    programs = next(iter(sharded.serving.held.values()))
     cache = {f: (_kind(b), tuple(b._local_tensor.shape if isinstance(b, DTensor) else b.shape))
              for f, b in programs.module.named_buffers() if f.endswith("keys_0")}
     return {"equal": torch.equal(out, expect), "out": out.tolist(), "expect": expect.tolist(), "cache": cache,
@@ -171,7 +171,7 @@ def _decode_collectives() -> dict:
     ids, mask = _prompt(model.config.vocab_size)
     sharded = autoshard.autoshard(model, tp_mesh(), lower=True)
     sharded.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
-    programs = next(iter(sharded._cached_programs.values()))
+    programs = next(iter(sharded.serving.held.values()))
     step_mask = torch.zeros(2, programs.capacity, dtype=torch.long)
     step_mask[:, :6] = 1
     with torch.no_grad():

@@ -54,6 +54,7 @@ class Container(nn.Module):
 
 class ShardedModule(nn.Module):
     compile_options: dict | None = None   # what a user's torch.compile(sharded) compiles with (see __call__)
+    serving = None                        # plans and runs `generate` (`serve.generate.Serving`, set by autoshard())
 
     def __init__(self, original: nn.Module, mesh: DeviceMesh, tp_mesh: DeviceMesh, replan: Callable, execution):
         super().__init__()
@@ -158,17 +159,18 @@ class ShardedModule(nn.Module):
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """`model.generate` on the sharded model, with a KV cache split as the plan splits attention
-        (`autoshard/serve/generate.py`): greedy or sampled, left padding, `eos_token_id`."""
-        from autoshard.serve.generate import generate
-
-        return generate(self, input_ids, attention_mask, **kwargs)
+        (`serve/generate.py`, held as `self.serving`): greedy or sampled, left padding, `eos_token_id`."""
+        return self._serving().generate(input_ids, attention_mask, **kwargs)
 
     def generation_programs(self, batch: int, max_length: int):
         """The prefill and decode programs `generate` runs for `batch` sequences of up to
         `max_length` tokens (planned on first use): `.report()` shows the cache and a decode step."""
-        from autoshard.serve.generate import cached_programs
+        return self._serving().programs(batch, max_length)
 
-        return cached_programs(self, batch, max_length)
+    def _serving(self):
+        if self.serving is None:
+            raise PlanError("generate needs a module made by autoshard(), which gives it its serving programs")
+        return self.serving
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

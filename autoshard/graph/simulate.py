@@ -7,14 +7,12 @@ that moves data (Shard->Replicate, Partial->anything, Shard(i)->Shard(j)) is com
 label pass calls a region legal when none happens inside it, and the report/cost model read the
 planned ones at region boundaries.
 
-Three ops are decided here rather than by the propagator, each for a stated reason:
-- `aten.linear` is CompositeImplicit: DTensor never sees it at runtime, only `t`, `view`, `mm`,
-  `add`. We propagate exactly that decomposition (DTensor has no row-parallel rule for `linear`).
-- attention runs as a `local_map` region in the rewritten module (CPU SDPA has no DTensor
-  strategy); the rule here mirrors that region: q/k/v sharded alike on batch or heads.
+Some ops are decided here rather than by the propagator, each for a stated reason (and in-place
+writes of module state, a KV cache, by `graph/state_writes.state_write_spec`):
+- `aten.linear` is CompositeImplicit (DTensor sees `t`, `view`, `mm`, `add`): that decomposition.
+- attention runs as a `local_map` region (CPU SDPA has no DTensor strategy): q/k/v split alike.
 - `cross_entropy_loss` on vocab-sharded logits runs as autoshard's vocab-parallel loss.
-- grouped (expert) matmuls run on local shards (runtime: `LocalGroupedMM`): DTensor has no rule
-  for transformers' fallback op, and none for a fused weight's strided layout.
+- grouped (expert) matmuls run on local shards (`LocalGroupedMM`): DTensor has no rule for them.
 - a linear with a fused weight (`_StridedShard(0, sf=k)`: q|k|v or gate|up split part by part)
   runs on local shards (runtime: `LocalLinear`): DTensor's decomposition of it loses the layout.
 - `chunk`/equal `split` of a fused output (`_StridedShard(d, sf=k)` cut in k on d) gives k
@@ -38,7 +36,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
 from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part
-from autoshard.graph.state_writes import local_write_placement, reads_before_write, written_placeholder, written_value
+from autoshard.graph.state_writes import state_write_spec, written_placeholder
 from autoshard.schema.plan import Plan
 
 aten = torch.ops.aten
@@ -174,7 +172,7 @@ class PlacementSimulator:
             return None  # a plain-tensor computation (masks, rotary tables, position ids)
         written = written_placeholder(node)
         if written is not None and written.name in self.analysis.captured.buffer_fqns:
-            spec = self._state_write(node, written, sim, operands)
+            spec = state_write_spec(self, node, written, sim, operands)   # a KV cache takes its keys' placement
             if spec is not None:
                 return spec
         if isinstance(node.target, torch._ops.HigherOrderOperator):
@@ -202,30 +200,6 @@ class PlacementSimulator:
         if node.target is aten.cross_entropy_loss.default:
             return self._cross_entropy(node, sim, operands)
         return self._propagate(node, sim, operands)
-
-    def _state_write(self, node, buffer, sim, operands):
-        """A buffer written in place (a KV cache) takes the placement of what is written into it,
-        when the write runs exactly on local shards (`graph/state_writes`); None: it stays whole."""
-        value = written_value(node)
-        vspec = operands.get(value.name) if isinstance(value, fx.Node) else None
-        if not isinstance(vspec, DTensorSpec) or reads_before_write(node, buffer):
-            return None
-        placement = vspec.placements[0]
-        declared = self.analysis.captured.state_layouts.get(self.analysis.captured.buffer_fqns[buffer.name])
-        if declared is not None and placement.is_replicate():
-            # the module lays its state out itself (a KV cache of KV heads repeated to tp): each
-            # rank writes its slice of the replicated values, a local slice
-            placement = declared
-            vspec = self._move(sim, vspec, (declared,), value.name, node.name, planned=False)
-        placement = local_write_placement(node, placement)
-        if placement is None:
-            return None
-        spec = self._spec(buffer.meta["val"], placement)
-        have = sim.specs.get(buffer.name)
-        if isinstance(have, DTensorSpec) and have.placements != spec.placements:
-            return None
-        sim.specs[buffer.name] = spec
-        return spec
 
     def _operand(self, n: fx.Node, sim: Simulation, nodes, assumed, params):
         if nodes is None or n.name in nodes or n.name in sim.specs:

@@ -78,3 +78,31 @@ def reads_before_write(node: fx.Node, buffer: fx.Node) -> bool:
         if cur is node:
             return True
     return False
+
+
+def state_write_spec(simulator, node: fx.Node, buffer: fx.Node, sim, operands: dict):
+    """The simulator's rule for `node` writing `buffer` in place: the buffer (and the write's
+    result) take the placement of the value written, when the write runs exactly on local
+    shards; a buffer whose module declares its layout (`Captured.state_layouts`) takes that one
+    for replicated values (each rank writes its slice: a local slice). None: it stays whole."""
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+    value = written_value(node)
+    vspec = operands.get(value.name) if isinstance(value, fx.Node) else None
+    if not isinstance(vspec, DTensorSpec) or reads_before_write(node, buffer):
+        return None
+    placement = vspec.placements[0]
+    captured = simulator.analysis.captured
+    declared = captured.state_layouts.get(captured.buffer_fqns[buffer.name])
+    if declared is not None and placement.is_replicate():
+        placement = declared
+        simulator._move(sim, vspec, (declared,), value.name, node.name, planned=False)
+    placement = local_write_placement(node, placement)
+    if placement is None:
+        return None
+    spec = simulator._spec(buffer.meta["val"], placement)
+    have = sim.specs.get(buffer.name)
+    if isinstance(have, DTensorSpec) and have.placements != spec.placements:
+        return None
+    sim.specs[buffer.name] = spec
+    return spec

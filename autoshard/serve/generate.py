@@ -34,6 +34,21 @@ SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k"
 MIN_CAPACITY = 64
 
 
+class Serving:
+    """What a sharded module generates with: its cached programs, made once per batch size and
+    cache capacity (`sharded.generate`, `sharded.generation_programs`)."""
+
+    def __init__(self, sharded):
+        self.sharded = sharded
+        self.held: dict[tuple[int, int], CachedPrograms] = {}
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        return generate(self.sharded, input_ids, attention_mask, **kwargs)
+
+    def programs(self, batch: int, max_length: int) -> CachedPrograms:
+        return cached_programs(self.sharded, batch, max_length)
+
+
 def generate(sharded, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, generation_config=None,
              generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
     """Prompt plus generated tokens, `[batch, prompt + new]`, as `model.generate` returns them."""
@@ -83,7 +98,7 @@ def cached_programs(sharded, batch: int, length: int) -> CachedPrograms:
     if window is not None and length > window:
         raise PlanError(f"generating {length} tokens needs a sliding-window cache (config.sliding_window={window}); "
                         f"the sharded cache is a full static one: generate at most {window} tokens (prompt included)")
-    held = sharded.__dict__.setdefault("_cached_programs", {})
+    held = sharded._serving().held
     for (b, capacity), programs in held.items():
         if b == batch and capacity >= length:
             return programs
