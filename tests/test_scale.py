@@ -83,7 +83,7 @@ def exact_rank0_bytes(model, plan) -> int:
     return total
 
 
-# planned in full (gpt-oss alternates sliding and full attention layers): a minute
+# planned in full (gpt-oss alternates sliding and full attention layers): ~20 s
 FULL_CAPTURE = {"gpt-oss-120b"}
 
 
