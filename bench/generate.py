@@ -29,9 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
-
-from autoshard.distributed.mesh import free_port
 
 CONFIG = ("tiny-llama", {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
                          "num_key_value_heads": 4, "num_hidden_layers": 4, "vocab_size": 4096})
@@ -183,7 +180,7 @@ def report(rows: list[dict], machine: str, args) -> str:
 
 
 def main() -> int:
-    from bench.train_step import _machine
+    from bench.train_step import _machine, spawn_ranks, write_result
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=32)
@@ -192,14 +189,7 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--out", default="bench/results/generate.md")
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, free_port(), args, out), nprocs=2, start_method="spawn")
-    rows = out.get()
-    text = report(rows, _machine(), args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_result(report(spawn_ranks(_rank, args), _machine(), args), args.out)
     return 0
 
 

@@ -17,10 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
-from autoshard.distributed.mesh import free_port
-from bench.train_step import BATCH, SEQ, CONFIG, _build, _ids, _loss, _machine
+from bench.train_step import BATCH, SEQ, CONFIG, _build, _ids, _loss, _machine, spawn_ranks
 
 VARIANTS = ["hand eager", "hand compiled", "autoshard eager", "autoshard lowered", "autoshard compiled"]
 GROUPS = {  # profiler op name prefix -> group (first match wins)
@@ -98,10 +96,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-inductor-"))
     machine = _machine()
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, free_port(), args, out), nprocs=2, start_method="spawn")
-    text = report(out.get(), machine, args.steps)
+    text = report(spawn_ranks(_rank, args), machine, args.steps)
     Path(args.out).write_text(text)
     print(text)
     return 0

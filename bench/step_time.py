@@ -24,9 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
-
-from autoshard.distributed.mesh import free_port
 
 MODELS = [  # (config, overrides, batch, seq)
     ("tiny-llama", {}, 2, 64),
@@ -92,10 +89,9 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "autoshard", "calibrate", "--out", str(profile)] + (["--quick"] if args.quick else []),
                    check=True, stdout=subprocess.DEVNULL)
     calibrate_s = time.perf_counter() - t0
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, free_port(), str(profile), args.steps, out), nprocs=2, start_method="spawn")
-    rows = out.get()
+    from bench.train_step import spawn_ranks
+
+    rows = spawn_ranks(_rank, str(profile), args.steps)
     lines = ["# Predicted vs measured training-step time (gloo, world size 2)", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
              f"load average before the run {os.getloadavg()[0]:.2f}; calibrated in {calibrate_s:.0f} s "

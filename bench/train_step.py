@@ -197,6 +197,20 @@ def _rank(rank: int, ws: int, port: int, args, out) -> None:
     dist.destroy_process_group()
 
 
+def spawn_ranks(rank_fn, *args, world_size: int = 2):
+    """Run `rank_fn(rank, world_size, port, *args, out)` on `world_size` spawned ranks; return
+    what rank 0 put on `out`."""
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(rank_fn, args=(world_size, free_port(), *args, out), nprocs=world_size, start_method="spawn")
+    return out.get()
+
+
+def write_result(text: str, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(text)
+
+
 def _machine() -> str:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.machine())
     ram = next((int(l.split()[1]) // 2**20 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), 0)
@@ -272,14 +286,8 @@ def main() -> int:
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     before = _machine()
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(2, free_port(), args, out), nprocs=2, start_method="spawn")
-    rows = out.get()
-    text = report(rows, before, _machine(), args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    rows = spawn_ranks(_rank, args)
+    write_result(report(rows, before, _machine(), args), args.out)
     return 0
 
 

@@ -283,7 +283,7 @@ def _reject_mutations(captured: Captured, sim) -> None:
         written = written_placeholder(node)
         if written is None or written.name not in state:
             continue
-        if written.name in captured.buffer_fqns and isinstance(sim.specs.get(written.name), DTensorSpec) and node.target in LOCAL_WRITES:
+        if _placed_write(node, written, captured, sim):
             continue  # a placed buffer, written on local shards
         sharded = [a.name for a in node.all_input_nodes if a is not written and _is_split(sim.specs.get(a.name))]
         if written.name in captured.buffer_fqns and not sharded:
@@ -300,10 +300,7 @@ def _reject_mutations(captured: Captured, sim) -> None:
 def _local_state_writes(g: _Editing, captured: Captured, sim: Simulation) -> None:
     """A write into a placed buffer runs on each rank's local shards (DTensor has no rule for `index_copy_`)."""
     for node in list(g.graph.nodes):
-        written = written_placeholder(node)
-        if written is None or written.name not in captured.buffer_fqns or node.target not in LOCAL_WRITES:
-            continue
-        if not isinstance(sim.specs.get(written.name), DTensorSpec):
+        if not _placed_write(node, written_placeholder(node), captured, sim):
             continue
         with g.graph.inserting_before(node):
             new = g.graph.call_module(g.add(LocalStateWrite(node.target), "state_write"), node.args, dict(node.kwargs))
@@ -312,6 +309,12 @@ def _local_state_writes(g: _Editing, captured: Captured, sim: Simulation) -> Non
         g.graph.erase_node(node)
         g.nodes[node.name] = new   # later passes find the write under its exported name,
         sim.specs[new.name] = sim.specs.get(node.name)   # and its placement under its new one
+
+
+def _placed_write(node: fx.Node, written: fx.Node | None, captured: Captured, sim: Simulation) -> bool:
+    """Does `node` write, on local shards, a buffer the simulation laid out (`graph/state_writes`)?"""
+    return (written is not None and written.name in captured.buffer_fqns and node.target in LOCAL_WRITES
+            and isinstance(sim.specs.get(written.name), DTensorSpec))
 
 
 def state_placements(captured: Captured, sim: Simulation) -> dict[str, Placement]:

@@ -19,12 +19,13 @@ import math
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor, Placement
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 from autoshard.execute.module import Program, ShardedModule
 from autoshard.execute.rewrite import state_placements
 from autoshard.execute.runners import LoweredExecution
 from autoshard.schema.errors import PlanError
+from autoshard.schema.placements import parse_placement, placement_str
 from autoshard.serve.static_cache import CachedLM, cache_shapes
 
 PREFILL_EXAMPLE = 8   # the prompt length the prefill program is captured at (its length stays dynamic)
@@ -53,7 +54,7 @@ class CachedPrograms:
             repeat = 1
             cached, prefill, decode = self._plan(planner, skeleton, shapes, placed, repeat)
         self.kv_repeat = repeat
-        shapes = [(_times(k, repeat), _times(v, repeat), dtype) for k, v, dtype in shapes]
+        shapes = cached.shapes   # as stored: KV heads repeated `repeat` times
         self.placements = state_placements(prefill.captured, prefill.simulation)
         _check_same_cache(self.placements, state_placements(decode.captured, decode.simulation))
 
@@ -69,8 +70,8 @@ class CachedPrograms:
         module.add_program(prefill)
         module.add_program(decode)
         self.module = module
-        self.shapes = shapes   # as stored (KV heads repeated kv_repeat times)
-        layout = self.cache_layout(sharded.config)
+        self.shapes = shapes
+        layout = self.cache_layout()
         for program in module.programs:   # each plan's report shows the cache it writes
             program.plan.estimate = {**(program.plan.estimate or {}), "kv_cache": layout}
 
@@ -102,10 +103,10 @@ class CachedPrograms:
     def __call__(self, ids, mask, positions, slots) -> torch.Tensor:
         return self.module(ids, mask, positions, slots)
 
-    def cache_layout(self, config=None) -> dict:
+    def cache_layout(self) -> dict:
         """How the cache is laid out and what it costs each rank (`Plan.report` shows it)."""
         tp = self.module.tp_mesh.size()
-        kinds = sorted({_placement_name(self.placements.get(f)) for f in _cache_buffers(self.shapes)})
+        kinds = sorted({placement_str(p) if (p := self.placements.get(f)) is not None else "plain" for f in _cache_buffers(self.shapes)})
         kv_heads = self.kv_heads
         split = all(k.startswith("Shard(1)") for k in kinds)
         if split and self.kv_repeat > 1:
@@ -180,12 +181,6 @@ def _cache_buffers(shapes) -> dict[str, tuple[tuple, torch.dtype]]:
     return out
 
 
-def _placement_name(p) -> str:
-    if p is None:
-        return "plain"
-    return f"Shard({p.dim})" if p.is_shard() else "Replicate()" if p.is_replicate() else str(p)
-
-
 def _cache_buffers_of(module) -> list[str]:
     return [f for f, _ in module.named_buffers() if f.startswith(CachedLM.CACHE + ".")]
 
@@ -207,14 +202,10 @@ def _cache_tensor(shape, dtype, device, placement: Placement | None, mesh) -> to
 def kv_repeat(plan, kv_heads: int, tp: int) -> int:
     """How many times to store each KV head so the cache splits by heads over tp: tp / KV heads
     when tp > KV heads and the plan splits attention by heads (K/V replicated); else 1."""
-    heads_split = bool(plan.attention) and all(str(p) in ("Shard(1)", "S(1)") for p in plan.attention.values())
+    heads_split = bool(plan.attention) and all(parse_placement(p) == Shard(1) for p in plan.attention.values())
     if tp > kv_heads and tp % kv_heads == 0 and heads_split:
         return tp // kv_heads
     return 1
-
-
-def _times(shape: tuple, k: int) -> tuple:
-    return (shape[0], shape[1] * k, *shape[2:])
 
 
 def _check_same_cache(prefill: dict, decode: dict) -> None:

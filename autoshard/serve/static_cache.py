@@ -78,6 +78,7 @@ class CachedLM(nn.Module):
             self.register_parameter(name, p)
         self._model = [model]   # not a submodule: its children are ours, under the same names
         self.batch, self.max_len, self.kv_repeat = batch, max_len, kv_repeat
+        self.shapes = shapes   # (keys, values, dtype) per layer, as stored
         device = next(model.parameters()).device
         cache = _Buffers()
         for i, (k, v, dtype) in enumerate(shapes):
