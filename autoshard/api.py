@@ -55,16 +55,18 @@ class PlanRun:
 
 
 def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None, strict: bool = False,
-         hardware=None, memory_budget=None) -> Plan:
+         hardware=None, memory_budget=None, expert_parallel: bool | None = None) -> Plan:
     """Plan only: nothing is materialised, rewritten or communicated (works on `meta` models).
 
     `hardware`: the profile the cost model prices with — a name ("h100-sxm", "a100-sxm",
     "pcie-gpu", "cpu-gloo"), a JSON file from `autoshard calibrate`, or a HardwareProfile (default:
     cpu-gloo on CPU meshes, h100-sxm otherwise). `memory_budget`: per-rank bytes, "24GiB",
     "device" or "none" (default: the smallest memory a legal plan reaches, the fastest there).
+    `expert_parallel`: MoE experts split over ranks with all-to-all dispatch (True), never (False),
+    or weighed by the cost model against expert tensor parallel (None; see `choose`).
     """
     run = plan_model(model, mesh, example_inputs, sequence_parallel=sequence_parallel, hardware=hardware,
-                     memory_budget=memory_budget)
+                     memory_budget=memory_budget, expert_parallel=expert_parallel)
     if strict:
         refuse_fallbacks(run.plan, model, run.captured, sequence_parallel)
     return run.plan
@@ -72,17 +74,17 @@ def plan(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_pa
 
 def plan_model(model: nn.Module, mesh: DeviceMesh, example_inputs=None, *, sequence_parallel: bool | None = None, hardware=None,
                memory_budget=None, pinned: dict[str, str] | None = None, progress: Progress | None = None,
-               detail: str = "") -> PlanRun:
+               detail: str = "", expert_parallel: bool | None = None) -> PlanRun:
     """Capture `model` and plan it: the `PlanRun` of `autoshard.plan` (`progress` hears each pass)."""
     timings: dict[str, float] = {}
     with _timed("capture", timings, progress, detail):
         captured = capture(model, example_inputs, device=tensor_parallel_mesh(mesh).device_type)  # 1. torch.export on fake tensors
     return plan_captured(captured, mesh, sequence_parallel=sequence_parallel, hardware=hardware, memory_budget=memory_budget,
-                         pinned=pinned, progress=progress, timings=timings)
+                         pinned=pinned, progress=progress, timings=timings, expert_parallel=expert_parallel)
 
 
 def plan_captured(captured: Captured, mesh: DeviceMesh, *, sequence_parallel=None, hardware=None, memory_budget=None,
-                  pinned=None, progress: Progress | None = None, timings: dict | None = None) -> PlanRun:
+                  pinned=None, progress: Progress | None = None, timings: dict | None = None, expert_parallel=None) -> PlanRun:
     """Passes 2-4 on a captured program. Planning simulates placements on fake tensors: a plan
     depends on the model and mesh only, not on a CommDebugMode or FlopCounterMode the caller has active."""
     timings = {} if timings is None else timings
@@ -94,7 +96,7 @@ def plan_captured(captured: Captured, mesh: DeviceMesh, *, sequence_parallel=Non
             labels = label(analysis, simulator)                                       # 3. legal regions
         with _timed("choose", timings, progress):
             chosen = choose(labels, simulator, mesh_info(mesh), sequence_parallel, hardware=hardware,
-                            memory_budget=memory_budget, pinned=pinned)               # 4. the cost model's pick
+                            memory_budget=memory_budget, pinned=pinned, expert_parallel=expert_parallel)  # 4. the cost model's pick
             # the plan's own placements (tied names share their table's): what every later pass follows
             simulation = simulate(simulator, chosen)
     return PlanRun(captured, analysis, simulator, labels, chosen, simulation, timings)
@@ -115,6 +117,7 @@ def autoshard(
     lower: bool = False,
     checkpoint=None,
     activation_checkpointing: str | None = None,
+    expert_parallel: bool | None = None,
 ) -> ShardedModule:
     """Shard `model` over `mesh` and return a drop-in module; `model` itself is left untouched.
 
@@ -122,7 +125,8 @@ def autoshard(
     for transformers models. `plan`: a `Plan` (e.g. `Plan.from_json`) to apply instead of planning.
     `strict`: raise PlanError (naming the config attribute and the tp values that would work)
     instead of falling back to replicating a region this tp cannot shard.
-    `hardware`, `memory_budget`: what the cost model prices with and the per-rank limit (see `plan`).
+    `hardware`, `memory_budget`, `expert_parallel`: what the cost model prices with, the per-rank
+    limit, and how MoE experts may split (see `plan`).
     `fsdp`: on a mesh with dims besides "tp" (e.g. `("dp", "tp")`) FSDP2 shards over them, per
     decoder layer and root (`autoshard.distributed.fsdp.data_parallel`); a dict passes its options
     (`mp_policy`, `reshard_after_forward`); False leaves data parallelism to the caller.
@@ -141,7 +145,7 @@ def autoshard(
     skeleton = cast_parameters(meta_skeleton(model), fsdp_options)
 
     auto = activation_checkpointing == "auto"
-    planner = Planner(skeleton, mesh, sequence_parallel, hardware, memory_budget)
+    planner = Planner(skeleton, mesh, sequence_parallel, hardware, memory_budget, expert_parallel)
 
     try:
         first = planner.build(example_inputs, plan)                                   # 1-6. plan, rewrite, dry run
@@ -180,13 +184,15 @@ class Planner:
     sequence_parallel: bool | None = None
     hardware: object = None
     memory_budget: object = None
+    expert_parallel: bool | None = None
 
     def build(self, inputs, fixed: Plan | None = None, pinned: dict[str, str] | None = None, skeleton: nn.Module | None = None,
               sequence_parallel: bool | None = None) -> PlanRun:
         tp_mesh = tensor_parallel_mesh(self.mesh)
         sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
         run = plan_model(skeleton if skeleton is not None else self.skeleton, self.mesh, inputs, sequence_parallel=sp,
-                         hardware=self.hardware, memory_budget=self.memory_budget, pinned=pinned)   # 1-4. capture, analyse, label, choose
+                         hardware=self.hardware, memory_budget=self.memory_budget, pinned=pinned,
+                         expert_parallel=self.expert_parallel)                                # 1-4. capture, analyse, label, choose
         if fixed is not None:
             check_plan_matches(fixed, run.plan)
             run.plan, run.simulation = fixed, simulate(run.simulator, fixed)

@@ -9,6 +9,7 @@ from torch.distributed.tensor.placement_types import Placement
 
 from autoshard.choose.params import region_name
 from autoshard.graph.analyse import GraphAnalysis, Role
+from autoshard.graph.experts import token_dim
 from autoshard.graph.label import Candidate
 from autoshard.graph.simulate import Simulation
 from autoshard.schema.plan import SP_STREAM, BoundaryPlan
@@ -55,6 +56,8 @@ def entries(analysis, c: Candidate, layout: str) -> list[str]:
         out += [_entry_node(analysis, x, layout) for x in c.inputs]
     if c.kind == "column_output":
         out += c.column_nodes
+    if c.expert_block is not None:
+        out += [c.expert_block.block_in, c.expert_block.block_out]
     return out
 
 
@@ -73,6 +76,13 @@ def region_boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked:
                 out.update(dict.fromkeys(c.reduces, REPLICATE))
             continue
         if not opt.sharded:
+            continue
+        if opt.name == "ep":  # each rank its tokens in, the stream's layout out
+            b = c.expert_block
+            d = token_dim(b, analysis.nodes, seq_dim(analysis, b.block_in))
+            out[b.block_in] = Shard(d)
+            s = seq_dim(analysis, b.block_out) if layout == SP_STREAM else None
+            out[b.block_out] = Shard(s) if s is not None else REPLICATE
             continue
         for e in _exits(c):
             d = seq_dim(analysis, e) if layout == SP_STREAM and e not in c.reduces else None
@@ -95,6 +105,10 @@ def vocab_sharded(analysis, sim, node) -> bool:
 
 def loss_parallel_nodes(analysis, sim) -> set[str]:
     return {n.name for n in analysis.of_role(Role.LOSS) if vocab_sharded(analysis, sim, n)}
+
+
+_EXPERT_MOVES = {"counts": "how many rows each rank sends each expert", "dispatch": "(token, expert) rows to their expert's rank",
+                 "combine": "the experts' result rows back to their tokens' rank"}
 
 
 def boundary_plans(analysis: GraphAnalysis, sim: Simulation, regions: list[Candidate], picked: dict, layout: str) -> list[BoundaryPlan]:
@@ -123,6 +137,10 @@ def boundary_plans(analysis: GraphAnalysis, sim: Simulation, regions: list[Candi
             out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes,
                                     reason=roles.get(r.source, "region boundary")))
     for r in sim.op_collectives:
+        if r.consumer == "expert_parallel":
+            out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes, kind="expert",
+                                    reason=f"expert parallel {r.src}: " + _EXPERT_MOVES[r.src]))
+            continue
         out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes,
                                 reason="loss parallel: one value per row reduced across the vocab shards", kind="loss"))
     return out

@@ -89,9 +89,27 @@ def unused_parameter_splits(analysis: GraphAnalysis, tp: int) -> tuple[dict[str,
     return params, reasons
 
 
-def region_params(analysis, c: Candidate) -> dict[str, Placement]:
+def region_params(analysis, c: Candidate, option: str = "") -> dict[str, Placement]:
+    """The placements a sharded region gives its parameters (`option` "ep": its experts split over ranks)."""
+    if option == "ep":
+        return expert_parallel_params(c.expert_block, c.expert_block.experts)[0]
     params, _, _ = param_placements(analysis, [c])
     return params
+
+
+def expert_parallel_params(block, experts: int, tp: int | None = None) -> tuple[dict, dict]:
+    """Expert parallel's placements and reasons: every expert tensor `Shard(0)` (rank r holds
+    experts [r·E/tp, (r+1)·E/tp) whole), the router and the rest of the block whole."""
+    share = f"{experts // tp} of the {experts} experts" if tp else f"1/tp of the {experts} experts"
+    params, reasons = {}, {}
+    for f in block.params:
+        if f in block.expert_params:
+            params[f] = Shard(0)
+            reasons[f] = (f"expert parallel: each rank holds {share} whole; rows reach their expert's rank by all-to-all", None)
+        else:
+            reasons[f] = ("whole on every rank inside an expert-parallel block (the router): it reads that rank's tokens, "
+                          "its gradient is summed across ranks", None)
+    return params, reasons
 
 
 def reconcile_ties(analysis, params, reasons, chosen) -> tuple[dict, list[str], set[int]]:

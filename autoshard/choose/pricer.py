@@ -34,13 +34,18 @@ class Pricer:
 
     STREAM = -1
 
-    def __init__(self, analysis, simulator, regions, params, profile, tp):
+    def __init__(self, analysis, simulator, regions, params, profile, tp, expert_parallel: bool | None = None):
         self.analysis, self.simulator, self.regions, self.params = analysis, simulator, regions, params
         self.profile, self.tp = profile, tp
+        # expert parallel: offered beside expert tensor parallel (None), instead of it (True), never (False)
+        self.expert_parallel = expert_parallel
+        self.ep_regions = [c for c in regions if c.expert_block is not None and expert_parallel is not False
+                           and c.expert_block.experts % tp == 0]
+        self.ep_ids = {id(c) for c in self.ep_regions}
         self.saved = saved_activations(analysis, profile.device_type)
         self.owner: dict[str, int] = {}
         for i, c in enumerate(regions):
-            for n in list(c.nodes) + c.column_nodes + c.row_nodes:
+            for n in list(c.nodes) + c.column_nodes + c.row_nodes + list(c.expert_block.nodes if c.expert_block else ()):
                 self.owner[n] = i
         self.param_owner = {}
         for ph, fqn in analysis.captured.param_fqns.items():
@@ -55,7 +60,11 @@ class Pricer:
             why = self._sp_unavailable()
             if why:
                 return LayoutCosts(layout, viable=False, why=why)
-        all_sharded = {id(c): Option("sharded", True) for c in self.regions}
+        ep = {id(c): Option("ep", True) for c in self.ep_regions}
+        # forced: every MoE block expert parallel (its router reads each rank's own tokens, so a
+        # sequence-sharded stream stays split through it, where expert tensor parallel's cannot yet)
+        self.ep_only = bool(self.expert_parallel)
+        all_sharded = {id(c): Option("sharded", True) for c in self.regions} | (ep if self.ep_only else {})
         shard = self._price(all_sharded, layout)
         if layout == SP_STREAM and shard[1].communication(planned=False):
             r = shard[1].communication(planned=False)[0]
@@ -66,6 +75,8 @@ class Pricer:
             variants["replicate"] = self._price({id(c): Option("replicate", False) for c in self.regions}, layout)
         elif heads:
             variants["replicate"] = self._price({**all_sharded, **{id(c): Option("replicate", False) for c in heads}}, layout)
+        if self.ep_regions and not self.ep_only:
+            variants["ep"] = self._price(all_sharded | ep, layout)
         if any(c.loss_nodes for c in heads):
             variants["gather"] = self._price({**all_sharded, **{id(c): Option("gather", True) for c in heads if c.loss_nodes}}, layout)
         priced = shard[0]
@@ -87,6 +98,13 @@ class Pricer:
         return costs
 
     def _option_names(self, c: Candidate, layout: str):
+        if id(c) in self.ep_ids and self.ep_only:
+            return [("ep", True, "sharded")]
+        if id(c) in self.ep_ids:
+            return [*self._option_names_etp(c, layout), ("ep", True, "ep")]
+        return self._option_names_etp(c, layout)
+
+    def _option_names_etp(self, c: Candidate, layout: str):
         if c.kind == "column_row":
             return [("replicate", False, "replicate"), ("tp", True, "sharded")] if layout == REPLICATED_STREAM else [("tp_sp", True, "sharded")]
         if c.kind == "embedding":
@@ -108,11 +126,15 @@ class Pricer:
     def _price(self, picked: dict, layout: str):
         params = {}
         for i, c in enumerate(self.regions):
-            if picked[id(c)].sharded:
+            if picked[id(c)].sharded and picked[id(c)].name != "ep":
                 params.update(self.region_params[i])
         params = {f: p for f, p in self.params.items() if f in params}
+        ep = [c for c in self.regions if picked[id(c)].name == "ep"]
+        for c in ep:
+            params.update(region_params(self.analysis, c, "ep"))
         boundaries = region_boundaries(self.analysis, self.regions, picked, layout)
-        sim = self.simulator.run(params, boundaries, sharded_outputs=sharded_outputs(self.regions, picked))
+        sim = self.simulator.run(params, boundaries, sharded_outputs=sharded_outputs(self.regions, picked),
+                                 expert_parallel=[c.expert_block for c in ep])
         grad_reduce = set(replicated_used_on_shards(self.analysis, sim))
         events = comm_events(self.analysis, sim, grad_reduce)
         comm_owner = dict(self.owner)
@@ -148,6 +170,7 @@ _OPTION_TEXT = {
     "loss_parallel": "column-parallel LM head with loss parallel: logits never gathered",
     "column_gather": "column-parallel LM head, logits all-gathered before a replicated loss",
     "column_gather_output": "column-parallel LM head, logits gathered for the caller",
+    "ep": "expert parallel: experts split over ranks, each rank routes its tokens, rows to their expert's rank and back by all-to-all",
 }
 
 

@@ -27,9 +27,9 @@ from torch.distributed.tensor.placement_types import Placement
 from autoshard.choose.assemble import assemble
 from autoshard.choose.boundaries import region_boundaries, sharded_outputs
 from autoshard.choose.budget import budget_error, layout_note, resolve_budget, resolve_hardware
-from autoshard.choose.params import param_placements, reconcile_ties, region_params, unused_parameter_splits
+from autoshard.choose.params import expert_parallel_params, param_placements, reconcile_ties, region_params, unused_parameter_splits
 from autoshard.choose.pricer import Pricer, estimate_plan
-from autoshard.cost.strategies import LayoutCosts, solve
+from autoshard.cost.strategies import LayoutCosts, solve, without_expert_parallel
 from autoshard.graph.label import Candidate, Labels
 from autoshard.graph.simulate import PlacementSimulator
 from autoshard.schema.errors import MemoryBudgetError, PlanError
@@ -51,7 +51,7 @@ def select_candidates(labels: Labels) -> list[Candidate]:
 
 
 def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, sequence_parallel: bool | None = None, *,
-           hardware=None, memory_budget=None, pinned: dict[str, str] | None = None) -> Plan:
+           hardware=None, memory_budget=None, pinned: dict[str, str] | None = None, expert_parallel: bool | None = None) -> Plan:
     """Pick each region's strategy and the stream layout; return the Plan with its estimate.
 
     `hardware`: a profile name ("h100", "cpu-gloo", ...), a JSON path from `autoshard calibrate`, or a
@@ -59,6 +59,10 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     the module docstring. `sequence_parallel`: True/False forces the stream layout. `pinned`:
     parameter FQN -> placement text of parameters already distributed (a module planned for other
     inputs): each region keeps only the strategies that leave its parameters where they are.
+    `expert_parallel`: None weighs it against expert tensor parallel per MoE block (the default
+    budget is the smallest memory *without* it: its saving on activations alone does not replace
+    ETP, whose ranks share every expert's work evenly whatever the routing); True runs every MoE
+    block it can expert parallel; False never.
     """
     started = time.perf_counter()
     analysis = labels.analysis
@@ -69,7 +73,7 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     regions = [c for c in regions if id(c) not in demoted]
     profile = resolve_hardware(hardware, mesh_info)
     layouts = [REPLICATED_STREAM] if sequence_parallel is False else [SP_STREAM] if sequence_parallel else [SP_STREAM, REPLICATED_STREAM]
-    pricer = Pricer(analysis, simulator, regions, params, profile, mesh_info["tp"])
+    pricer = Pricer(analysis, simulator, regions, params, profile, mesh_info["tp"], expert_parallel)
     priced = [pricer.layout(layout) for layout in layouts]
     viable = [c for c in priced if c.viable]
     if not viable:  # sequence_parallel=True asked for what the model cannot do: say so, plan the replicated stream
@@ -79,7 +83,7 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     if pinned:
         for layout_costs in viable:
             _pin(layout_costs, pricer.region_params, params, pinned)
-    budget = resolve_budget(memory_budget, viable, profile)
+    budget = resolve_budget(memory_budget, [without_expert_parallel(c) for c in viable] if expert_parallel is None else viable, profile)
     solve_started = time.perf_counter()
     solutions = [(solve(c, budget["bytes"]), c) for c in viable]
     unconstrained = [(solve(c, math.inf), c) for c in viable]
@@ -95,15 +99,20 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
 
     final_params = {}
     for c in regions:
-        if picked[id(c)].sharded:
+        if picked[id(c)].sharded and picked[id(c)].name != "ep":
             final_params.update(region_params(analysis, c))
     final_params = {f: p for f, p in params.items() if f in final_params}
+    ep = [c for c in regions if picked[id(c)].name == "ep"]
+    for c in ep:
+        placed, why = expert_parallel_params(c.expert_block, c.expert_block.experts, mesh_info["tp"])
+        final_params.update(placed)
+        reasons.update(why)
     unused, unused_reasons = unused_parameter_splits(analysis, mesh_info["tp"])
     final_params.update(unused)
     reasons.update(unused_reasons)
     boundaries = region_boundaries(analysis, regions, picked, sol.layout)
     kept_sharded = sharded_outputs(regions, picked)
-    sim = simulator.run(final_params, boundaries, sharded_outputs=kept_sharded)
+    sim = simulator.run(final_params, boundaries, sharded_outputs=kept_sharded, expert_parallel=[c.expert_block for c in ep])
     for layout_costs in priced:
         if not layout_costs.viable:
             notes.append(f"{STREAM_TEXT[layout_costs.layout]} stream not used: {layout_costs.why}")
@@ -112,6 +121,7 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     if pricer.saved.untraced:
         notes.append(pricer.saved.untraced + "; strategies priced on parameters, gradients and communication")
     plan = assemble(analysis, labels, regions, picked, final_params, reasons, notes, sol.layout, sim, mesh_info, kept_sharded, costs, sol, priced)
+    plan.expert_parallel = {c.expert_block.name: boundaries[c.expert_block.block_in].dim for c in ep}
     plan.estimate = estimate_plan(analysis, sim, plan, profile, mesh_info["tp"], pricer.saved)
     plan.estimate["budget"] = budget
     plan.estimate["solver"] = {"seconds": solve_s, "pricing_seconds": solve_started - started,

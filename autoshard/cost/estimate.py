@@ -124,6 +124,11 @@ def comm_events(analysis: GraphAnalysis, sim, grad_reduce: list[str] | set[str] 
             moved = r.dst if kind in ("all_gather", "reduce_scatter") and r.dst.startswith("Shard") else r.src
             backward.append(CommEvent(r.source, "backward", kind, _padded(r.nbytes, spec, moved), "adjoint of " + (r.collective or "a local layout change")))
     for r in sim.op_collectives:
+        if r.consumer == "expert_parallel":  # rows out and back; the backward sends their gradients the reverse way
+            events.append(CommEvent(r.source, "forward", r.collective, r.nbytes, "expert " + r.src))
+            if r.src != "counts":
+                backward.append(CommEvent(r.source, "backward", r.collective, r.nbytes, "adjoint of expert " + r.src))
+            continue
         events.append(CommEvent(r.source, "forward", r.collective, r.nbytes, "loss parallel"))
     events += reversed(backward)
     events += gradient_reductions(analysis, sim, set(grad_reduce), bucket_cap)

@@ -137,3 +137,11 @@ def solve(costs: LayoutCosts, budget: float) -> Solution | None:
 
 def min_memory(costs: LayoutCosts) -> int:
     return costs.stream_memory.total + sum(min(o.memory.total for o in opts) for opts in costs.unit_options())
+
+
+def without_expert_parallel(costs: LayoutCosts) -> LayoutCosts:
+    """The layout's options with expert parallel left out where a region has another sharded one."""
+    from dataclasses import replace
+
+    keep = [[o for o in opts if o.name != "ep"] if any(o.sharded and o.name != "ep" for o in opts) else opts for opts in costs.options]
+    return replace(costs, options=keep)

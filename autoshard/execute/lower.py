@@ -80,6 +80,8 @@ class _Lowering:
     def run(self) -> LoweredProgram:
         # sizes computed from inputs go after the last input (the rewrite may have put a node that
         # wraps an early input, e.g. a buffer, between placeholders)
+        if self.plan.expert_parallel:  # its local step and gradients are not in the lowering's analysis yet
+            raise LoweringError(f"expert-parallel MoE blocks ({', '.join(self.plan.expert_parallel)}) run on the DTensor program")
         self._drop_consistent_grads()
         nodes = list(self.graph.nodes)
         last_input = max(i for i, n in enumerate(nodes) if n.op == "placeholder")

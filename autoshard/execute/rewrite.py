@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
@@ -27,6 +28,8 @@ from autoshard.schema.errors import PlanError
 from autoshard.ops.layout import stride_order
 from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, is_grouped_mm
 from autoshard.graph.capture import Captured, retarget_devices
+from autoshard.graph.experts import ExpertBlock, find_expert_blocks
+from autoshard.execute.expert_parallel import ExpertParallelBlock, block_module
 from autoshard.graph.grouped import equal_parts, fused_chunk, interleaved_part
 from autoshard.graph.simulate import Simulation
 from autoshard.graph.state_writes import LOCAL_WRITES, written_placeholder
@@ -53,6 +56,7 @@ def rewrite_graph(captured: Captured, plan: Plan, sim: Simulation, mesh: DeviceM
     # `cuda:0`): point factory ops at the mesh's device, on this rank's current device
     device = torch.device(mesh.device_type)
     retarget_devices(g.gm, device, only=("meta", device.type))  # recompiles every graph
+    _expert_parallel_blocks(g, captured, plan)
     _local_state_writes(g, captured, sim)
     _promote_plain_tensors(g, sim)
     _insert_boundaries(g, plan)
@@ -86,6 +90,32 @@ class _Editing:
 
     def is_module(self, node: fx.Node, kinds) -> bool:
         return node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), kinds)
+
+
+def _expert_parallel_blocks(g: _Editing, captured: Captured, plan: Plan) -> None:
+    """Each expert-parallel MoE block becomes one `ExpertParallelBlock` node reading the block
+    input and the block's parameters and buffers; what it replaces is erased."""
+    if not plan.expert_parallel:
+        return
+    blocks = find_expert_blocks(g.graph, captured.param_fqns, set(captured.buffer_fqns) | set(captured.constant_fqns))
+    fqn_to_ph = {f: ph for ph, f in captured.param_fqns.items()}
+    placements = plan.placements()
+    for name, dim in plan.expert_parallel.items():
+        block = blocks.get(name)
+        if not isinstance(block, ExpertBlock):
+            raise PlanError(f"expert-parallel block {name!r}: {block or 'not in this graph'} (the plan was made for another model)")
+        body = block_module(g.graph, block, captured.param_fqns, g.mesh.get_group())
+        params = [placements.get(f, Replicate()) for f in block.params]
+        mod = g.add(ExpertParallelBlock(body, dim, params, g.mesh), "experts")
+        out = g.nodes[block.block_out]
+        args = [g.nodes[block.block_in]] + [g.nodes[fqn_to_ph[f]] for f in block.params] + [g.nodes[b] for b in block.buffers]
+        with g.graph.inserting_after(out):
+            node = g.graph.call_module(mod, tuple(args))
+        node.meta = dict(out.meta)
+        out.replace_all_uses_with(node)
+        g.nodes[block.block_out] = node
+    g.graph.eliminate_dead_code()
+    g.nodes = {n: v for n, v in g.nodes.items() if v.graph is g.graph and (v.op != "call_function" or v in set(g.graph.nodes))}
 
 
 def _drop_asserts(g: _Editing) -> None:

@@ -27,6 +27,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ASSERT_OPS, GraphAnalysis, Role
 from autoshard.graph.grouped import equal_parts
+from autoshard.graph.experts import ExpertBlock, analysis_expert_blocks
 from autoshard.graph.simulate import PlacementSimulator, Simulation
 from autoshard.schema.units import chunk_block
 
@@ -49,6 +50,7 @@ class Candidate:
     legal: bool = True
     reason: str = ""
     placements: dict[str, Placement] = field(default_factory=dict)  # parameter FQN -> placement in the region
+    expert_block: ExpertBlock | None = None   # an MoE region expert parallel can also run (`graph/experts.py`)
 
 
 @dataclass
@@ -91,6 +93,10 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
         candidates.extend(found)
         rows.update(r for c in found for r in c.row_nodes)
     _join_at_attention(analysis, simulator, order, candidates)
+    blocks = analysis_expert_blocks(analysis)
+    for c in candidates:
+        if c.legal and c.kind == "column_row" and isinstance(blocks.get(c.column_nodes[0]), ExpertBlock):
+            c.expert_block = blocks[c.column_nodes[0]]
     candidates.sort(key=lambda c: min(order[n] for n in c.column_nodes))  # layer by layer, as the graph runs
     candidates.extend(_embedding_candidate(analysis, simulator, n) for n in analysis.of_role(Role.EMBEDDING))
     return Labels(analysis, candidates)

@@ -35,6 +35,7 @@ from torch.distributed.tensor._op_schema import OpSchema, RuntimeSchemaInfo
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
+from autoshard.graph.experts import expert_block_spec, plan_expert_blocks
 from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part
 from autoshard.graph.state_writes import state_write_spec, written_placeholder
 from autoshard.schema.plan import Plan
@@ -62,7 +63,8 @@ class Simulation:
     redistributions: list[Redistribution] = field(default_factory=list)
     mixed: set[str] = field(default_factory=set)                  # plain tensors meet DTensors here
     unsupported: dict[str, str] = field(default_factory=dict)     # node -> why it fell back
-    op_collectives: list[Redistribution] = field(default_factory=list)  # inside ops (loss parallel)
+    op_collectives: list[Redistribution] = field(default_factory=list)  # inside ops (loss parallel, expert all-to-alls)
+    expert_nodes: dict = field(default_factory=dict)   # node -> the expert-parallel block it runs in
 
     def communication(self, planned: bool | None = None) -> list[Redistribution]:
         return [r for r in self.redistributions if r.collective and (planned is None or r.planned == planned)]
@@ -123,6 +125,7 @@ class PlacementSimulator:
         nodes: set[str] | None = None,
         assumed: dict[str, Placement] | None = None,
         sharded_outputs: set[str] = frozenset(),
+        expert_parallel=(),
     ) -> Simulation:
         """Simulate the whole graph, or only `nodes` (operands from outside take `assumed`/Replicate).
 
@@ -131,6 +134,7 @@ class PlacementSimulator:
         graph outputs returned as DTensors instead of being gathered.
         """
         sim = Simulation()
+        sim.expert_nodes = {n: b for b in expert_parallel for n in b.nodes}   # blocks run on each rank's tokens
         for node in self.analysis.graph.nodes:
             if nodes is None or node.name in nodes:
                 self.step(sim, node, param_placements, boundaries, nodes, assumed, sharded_outputs)
@@ -138,7 +142,10 @@ class PlacementSimulator:
 
     def step(self, sim, node, param_placements, boundaries=None, nodes=None, assumed=None, sharded_outputs=frozenset()):
         """Simulate one node into `sim` (its operands must already be there, or be outside `nodes`)."""
-        spec = self._node_spec(node, sim, param_placements, nodes, assumed or {}, sharded_outputs)
+        if node.name in sim.expert_nodes:
+            spec = expert_block_spec(self, sim, node, sim.expert_nodes[node.name], {n.name: sim.specs.get(n.name) for n in node.all_input_nodes})
+        else:
+            spec = self._node_spec(node, sim, param_placements, nodes, assumed or {}, sharded_outputs)
         if boundaries and node.name in boundaries and isinstance(spec, DTensorSpec):
             target = (boundaries[node.name],)
             if spec.placements == target:
@@ -397,4 +404,6 @@ def _fmt(placements) -> str:
 
 def simulate(simulator: PlacementSimulator, plan: Plan) -> Simulation:
     """`plan`'s placements propagated over the graph: what the rewrite and the lowering follow."""
-    return simulator.run(plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs))
+    return simulator.run(plan.placements(), plan.boundary_placements(), sharded_outputs=set(plan.sharded_outputs),
+                         expert_parallel=plan_expert_blocks(simulator.analysis, plan))
+

@@ -75,6 +75,7 @@ class Plan:
     attention: dict[str, str] = field(default_factory=dict)      # sdpa node -> "Shard(1)" etc.
     loss_parallel: list[str] = field(default_factory=list)       # cross-entropy nodes
     sharded_outputs: list[str] = field(default_factory=list)     # outputs returned as DTensors
+    expert_parallel: dict[str, int] = field(default_factory=dict)  # MoE block (first grouped matmul) -> token dim split
     implicit: list[dict] = field(default_factory=list)           # redistributions not planned
     notes: list[str] = field(default_factory=list)
     estimate: dict | None = None
