@@ -18,10 +18,13 @@ to the block input's shape, an intermediate value is read outside the block) map
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.graph.analyse import ASSERT_OPS, is_grouped_mm
 
@@ -246,14 +249,11 @@ def token_dim(block: ExpertBlock, graph_nodes: dict[str, fx.Node], seq_dim: int 
 
 
 
-def expert_block_spec(simulator, sim, node: fx.Node, block: ExpertBlock, operands: dict):
+def expert_block_spec(simulator, sim, node: fx.Node, block: ExpertBlock):
     """The simulator's step for a node of an expert-parallel block. Inside, each rank works on its
     tokens (priced as `Shard(0)` of every value: a 1/tp share of the work and of what autograd
     saves), parameters keep their own placement; the output takes the block input's `Shard(d)`,
     and the block's all-to-alls (counts, rows out, rows back) are recorded as the op's own."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec
-
     from autoshard.graph.simulate import Redistribution, nbytes
 
     val = node.meta.get("val")
@@ -266,10 +266,10 @@ def expert_block_spec(simulator, sim, node: fx.Node, block: ExpertBlock, operand
         for what, size in sizes:
             sim.op_collectives.append(Redistribution(block.name, "expert_parallel", what, what, "all_to_all", size, planned=True))
         return simulator._spec(val, place if place.is_shard() else Replicate())
-    if operator_is_getitem(node):
+    if node.target is operator.getitem:
         src = sim.specs.get(node.args[0].name)
         return src[node.args[1]] if isinstance(src, (tuple, list)) else None
-    ins = [operands.get(a.name) for a in node.all_input_nodes]
+    ins = [sim.specs.get(a.name) for a in node.all_input_nodes]
     only_params = ins and all(isinstance(s, DTensorSpec) for s in ins) and all(a.op == "placeholder" or a.name in sim.specs and
                                                                                _param_derived(a) for a in node.all_input_nodes)
 
@@ -280,12 +280,6 @@ def expert_block_spec(simulator, sim, node: fx.Node, block: ExpertBlock, operand
             return simulator._spec(v, ins[0].placements[0])
         return simulator._spec(v, Shard(0) if v.ndim >= 1 else Replicate())
     return tuple(one(v) for v in val) if isinstance(val, (tuple, list)) else one(val)
-
-
-def operator_is_getitem(node: fx.Node) -> bool:
-    import operator
-
-    return node.target is operator.getitem
 
 
 def _param_derived(n: fx.Node) -> bool:

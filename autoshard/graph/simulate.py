@@ -12,7 +12,8 @@ writes of module state, a KV cache, by `graph/state_writes.state_write_spec`):
 - `aten.linear` is CompositeImplicit (DTensor sees `t`, `view`, `mm`, `add`): that decomposition.
 - attention runs as a `local_map` region (CPU SDPA has no DTensor strategy): q/k/v split alike.
 - `cross_entropy_loss` on vocab-sharded logits runs as autoshard's vocab-parallel loss.
-- grouped (expert) matmuls run on local shards (`LocalGroupedMM`): DTensor has no rule for them.
+- grouped (expert) matmuls run on local shards (`LocalGroupedMM`): DTensor has no rule for them;
+  an expert-parallel block runs whole on each rank's tokens (`graph/experts.expert_block_spec`).
 - a linear with a fused weight (`_StridedShard(0, sf=k)`: q|k|v or gate|up split part by part)
   runs on local shards (runtime: `LocalLinear`): DTensor's decomposition of it loses the layout.
 - `chunk`/equal `split` of a fused output (`_StridedShard(d, sf=k)` cut in k on d) gives k
@@ -22,6 +23,7 @@ writes of module state, a KV cache, by `graph/state_writes.state_write_spec`):
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +40,7 @@ from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_group
 from autoshard.graph.experts import expert_block_spec, plan_expert_blocks
 from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part
 from autoshard.graph.state_writes import state_write_spec, written_placeholder
-from autoshard.schema.plan import Plan
+from autoshard.schema.plan import Plan, placement_str
 
 aten = torch.ops.aten
 REPLICATE = Replicate()
@@ -101,10 +103,7 @@ def tensor_meta(val: torch.Tensor) -> TensorMeta:
 
 
 def nbytes(meta: TensorMeta) -> int:
-    n = 1
-    for s in meta.shape:
-        n *= s
-    return n * meta.dtype.itemsize
+    return math.prod(meta.shape) * meta.dtype.itemsize
 
 
 class PlacementSimulator:
@@ -143,7 +142,7 @@ class PlacementSimulator:
     def step(self, sim, node, param_placements, boundaries=None, nodes=None, assumed=None, sharded_outputs=frozenset()):
         """Simulate one node into `sim` (its operands must already be there, or be outside `nodes`)."""
         if node.name in sim.expert_nodes:
-            spec = expert_block_spec(self, sim, node, sim.expert_nodes[node.name], {n.name: sim.specs.get(n.name) for n in node.all_input_nodes})
+            spec = expert_block_spec(self, sim, node, sim.expert_nodes[node.name])
         else:
             spec = self._node_spec(node, sim, param_placements, nodes, assumed or {}, sharded_outputs)
         if boundaries and node.name in boundaries and isinstance(spec, DTensorSpec):
@@ -268,23 +267,17 @@ class PlacementSimulator:
         return out.output_spec
 
     def _record_input_moves(self, node, sim, have, want, sources=None):
-        flat_have = _flatten(have)
-        flat_want = _flatten(want)
         names = sources or flatten_names(node.args)
-        for i, (h, w) in enumerate(zip(flat_have, flat_want)):
+        for i, (h, w) in enumerate(zip(_flatten(have), _flatten(want))):
             if isinstance(h, DTensorSpec) and isinstance(w, DTensorSpec) and h.placements != w.placements:
                 src_name = names[i] if i < len(names) and names[i] else node.name
                 self._move(sim, h, w.placements, src_name, node.name, planned=False)
 
     def _move(self, sim, spec: DTensorSpec, placements, source, consumer, planned) -> DTensorSpec:
         if spec.placements != tuple(placements):
-            sim.redistributions.append(
-                Redistribution(
-                    source=source, consumer=consumer, src=_fmt(spec.placements), dst=_fmt(placements),
-                    collective=collective_for(spec.placements[0], placements[0]),
-                    nbytes=nbytes(spec.tensor_meta), planned=planned,
-                )
-            )
+            sim.redistributions.append(Redistribution(
+                source=source, consumer=consumer, src=_fmt(spec.placements), dst=_fmt(placements),
+                collective=collective_for(spec.placements[0], placements[0]), nbytes=nbytes(spec.tensor_meta), planned=planned))
         return DTensorSpec(spec.mesh, tuple(placements), spec.tensor_meta)
 
     # ---- ops decided here -----------------------------------------------------------------------
@@ -296,8 +289,7 @@ class PlacementSimulator:
 
     def _linear(self, node, sim, operands):
         args, _ = self._args(node, operands)
-        x, w = args[0], args[1]
-        b = args[2] if len(args) > 2 else None
+        x, w, b = (*args[:3], None)[:3]
         names = [a.name if isinstance(a, fx.Node) else None for a in node.args]
         if isinstance(w.placements[0], _StridedShard):
             return fused_linear_spec(self, node, sim, (x, w, b), names)
@@ -387,9 +379,7 @@ class PlacementSimulator:
 
 
 def _flatten(x) -> list:
-    if isinstance(x, (list, tuple)):
-        return [y for v in x for y in _flatten(v)]
-    return [x]
+    return [y for v in x for y in _flatten(v)] if isinstance(x, (list, tuple)) else [x]
 
 
 def flatten_names(args) -> list[str | None]:
@@ -397,8 +387,6 @@ def flatten_names(args) -> list[str | None]:
 
 
 def _fmt(placements) -> str:
-    from autoshard.schema.plan import placement_str
-
     return ",".join(placement_str(p) for p in placements)
 
 
