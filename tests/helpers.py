@@ -104,13 +104,14 @@ def comm_bytes(fn) -> tuple[dict[str, dict[str, int]], object]:
             out = super().__torch_dispatch__(func, types, args, kwargs)
             if out is not NotImplemented and sum(self.comm_counts.values()) > before:
                 name = str(func._overloadpacket).split(".")[-1]
-                kind = next(k for k in ("all_gather", "reduce_scatter", "all_reduce", "allreduce", "all_to_all", "broadcast") if k in name)
+                kind = next(k for k in ("all_gather", "reduce_scatter", "all_reduce", "allreduce", "all_to_all", "alltoall", "broadcast")
+                            if k in name)
                 tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
                 nbytes = tensors[0].numel() * tensors[0].element_size() if "all_gather" not in kind else 0
                 if kind == "all_gather":
                     outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
                     nbytes = outs[0].numel() * outs[0].element_size()
-                kind = "all_reduce" if kind == "allreduce" else kind
+                kind = {"allreduce": "all_reduce", "alltoall": "all_to_all"}.get(kind, kind)   # c10d's own ops
                 entry = self.weighed.setdefault(kind, {"count": 0, "bytes": 0})
                 entry["count"] += 1
                 entry["bytes"] += nbytes
