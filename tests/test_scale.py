@@ -256,3 +256,39 @@ def test_distinct_leading_layers_are_kept_and_the_rest_grown():
     assert fast.plan.estimate["memory_bytes"] == full.estimate["memory_bytes"]
     assert fast.plan.estimate["communication"] == full.estimate["communication"]
 
+
+
+def test_layers_repeating_in_pairs_are_grown_from_four_pairs():
+    """gpt-oss alternates sliding and full attention: layer i is like layer i - 2, not i - 1. The
+    truncation keeps four pairs, and the plan grown from them equals the plan of all 12 layers."""
+    config = load_config("gpt-oss-120b")
+    config.num_hidden_layers = 12
+    config.layer_types = ["sliding_attention", "full_attention"] * 6
+    model = build_model(config, device="meta", dtype="auto")
+    with fake_mesh((8,), ("tp",)) as mesh:
+        fast = plan_layers_once(model, mesh, inputs(), hardware="h100")
+        full = api.plan(model, mesh, inputs(), hardware="h100")
+    assert fast.fallback == "" and fast.stack.period == 2 and fast.captured_layers == 8
+    from autoshard.scale.fast import _comparable
+
+    assert _comparable(fast.plan) == _comparable(full)
+    assert fast.plan.estimate["memory_bytes"] == full.estimate["memory_bytes"]
+    assert fast.plan.estimate["communication"] == full.estimate["communication"]
+    assert abs(fast.plan.estimate["time_s"]["total"] - full.estimate["time_s"]["total"]) < 1e-9 * full.estimate["time_s"]["total"]
+
+
+def test_expert_parallel_plan_grows_like_the_full_plan():
+    """Mixtral at tp 8, sequence 8192: the default plan makes each MoE block expert parallel (all
+    8 experts, one per rank), decided block by block, so a 4-layer truncation grown to 7 layers
+    is the 7-layer plan (a choice that let EP's saved memory buy other regions' speed would not be)."""
+    from autoshard.scale.fast import _comparable
+
+    model = meta_model("mixtral-8x7b", num_hidden_layers=7)
+    with fake_mesh((8,), ("tp",)) as mesh:
+        fast = plan_layers_once(model, mesh, inputs(8192), hardware="h100")
+        full = api.plan(model, mesh, inputs(8192), hardware="h100")
+    assert fast.fallback == "" and fast.captured_layers == 4
+    assert len(full.expert_parallel) == 7 and fast.plan.expert_parallel == full.expert_parallel
+    assert _comparable(fast.plan) == _comparable(full)
+    assert fast.plan.estimate["memory_bytes"] == full.estimate["memory_bytes"]
+    assert fast.plan.params["model.layers.6.mlp.experts.down_proj"].placement == "Shard(0)"

@@ -127,20 +127,28 @@ def boundary_plans(analysis: GraphAnalysis, sim: Simulation, regions: list[Candi
             for n in c.column_nodes:
                 roles[n] = "logits gathered before the loss"
     out = []
-    for r in sim.redistributions:
-        if not r.planned:
+    order = _graph_order(analysis)   # every unit in graph order: the fast planner grows them layer by layer
+    moves = sorted([(r, False) for r in sim.redistributions] + [(r, True) for r in sim.op_collectives], key=lambda m: order(m[0]))
+    for r, inside_op in moves:
+        if r.consumer == "expert_parallel":
+            out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes, kind="expert",
+                                    reason=f"expert parallel {r.src}: " + _EXPERT_MOVES[r.src]))
+        elif inside_op:
+            out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes,
+                                    reason="loss parallel: one value per row reduced across the vocab shards", kind="loss"))
+        elif not r.planned:
             continue
-        if r.consumer == "output":
+        elif r.consumer == "output":
             out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes,
                                     reason="output: gathered for the caller", kind="output"))
         else:
             out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes,
                                     reason=roles.get(r.source, "region boundary")))
-    for r in sim.op_collectives:
-        if r.consumer == "expert_parallel":
-            out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes, kind="expert",
-                                    reason=f"expert parallel {r.src}: " + _EXPERT_MOVES[r.src]))
-            continue
-        out.append(BoundaryPlan(node=r.source, src=r.src, dst=r.dst, collective=r.collective, bytes=r.nbytes,
-                                reason="loss parallel: one value per row reduced across the vocab shards", kind="loss"))
     return out
+
+
+def _graph_order(analysis: GraphAnalysis):
+    """Sort key of a recorded move: where the simulation met it (its consumer; an expert block's
+    moves at the block), ties kept in recording order."""
+    pos = {n.name: i for i, n in enumerate(analysis.graph.nodes)}
+    return lambda r: pos.get(r.source if r.consumer == "expert_parallel" else r.consumer, len(pos))

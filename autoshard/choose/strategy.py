@@ -29,7 +29,7 @@ from autoshard.choose.boundaries import region_boundaries, sharded_outputs
 from autoshard.choose.budget import budget_error, layout_note, resolve_budget, resolve_hardware
 from autoshard.choose.params import expert_parallel_params, param_placements, reconcile_ties, region_params, unused_parameter_splits
 from autoshard.choose.pricer import Pricer, estimate_plan
-from autoshard.cost.strategies import LayoutCosts, solve, without_expert_parallel
+from autoshard.cost.strategies import LayoutCosts, expert_parallel_decided, solve, solve_subset
 from autoshard.graph.label import Candidate, Labels
 from autoshard.graph.simulate import PlacementSimulator
 from autoshard.schema.errors import MemoryBudgetError, PlanError
@@ -59,10 +59,10 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     the module docstring. `sequence_parallel`: True/False forces the stream layout. `pinned`:
     parameter FQN -> placement text of parameters already distributed (a module planned for other
     inputs): each region keeps only the strategies that leave its parameters where they are.
-    `expert_parallel`: None weighs it against expert tensor parallel per MoE block (the default
-    budget is the smallest memory *without* it: its saving on activations alone does not replace
-    ETP, whose ranks share every expert's work evenly whatever the routing); True runs every MoE
-    block it can expert parallel; False never.
+    `expert_parallel`: None weighs it against expert tensor parallel per MoE block (under the
+    default budget each block takes it alone, where it is faster than ETP and holds no more
+    memory; under a budget the solver weighs it with the rest); True runs every MoE block it can
+    expert parallel; False never.
     """
     started = time.perf_counter()
     analysis = labels.analysis
@@ -83,9 +83,11 @@ def choose(labels: Labels, simulator: PlacementSimulator, mesh_info: dict, seque
     if pinned:
         for layout_costs in viable:
             _pin(layout_costs, pricer.region_params, params, pinned)
-    budget = resolve_budget(memory_budget, [without_expert_parallel(c) for c in viable] if expert_parallel is None else viable, profile)
+    default_ep = expert_parallel is None and memory_budget is None   # the default: EP per block where it wins alone
+    decided = {c.layout: expert_parallel_decided(c) if default_ep else c for c in viable}
+    budget = resolve_budget(memory_budget, list(decided.values()), profile)
     solve_started = time.perf_counter()
-    solutions = [(solve(c, budget["bytes"]), c) for c in viable]
+    solutions = [(solve_subset(c, decided[c.layout], budget["bytes"]), c) for c in viable]
     unconstrained = [(solve(c, math.inf), c) for c in viable]
     solve_s = time.perf_counter() - solve_started
     feasible = [(s, c) for s, c in solutions if s is not None]

@@ -139,9 +139,30 @@ def min_memory(costs: LayoutCosts) -> int:
     return costs.stream_memory.total + sum(min(o.memory.total for o in opts) for opts in costs.unit_options())
 
 
-def without_expert_parallel(costs: LayoutCosts) -> LayoutCosts:
-    """The layout's options with expert parallel left out where a region has another sharded one."""
+def expert_parallel_decided(costs: LayoutCosts) -> LayoutCosts:
+    """The layout's options with each MoE block's expert parallel settled on its own: kept (and
+    the block's other options dropped) where it is faster than the option the smallest-memory
+    default would pick for that block and holds no more memory, else left out. Decided per block,
+    EP frees no memory for other regions to spend, so the default plan stays the same choice per
+    layer whatever the depth (the fast planner grows 4 layers to all)."""
     from dataclasses import replace
 
-    keep = [[o for o in opts if o.name != "ep"] if any(o.sharded and o.name != "ep" for o in opts) else opts for opts in costs.options]
-    return replace(costs, options=keep)
+    def settle(opts):
+        ep = [o for o in opts if o.name == "ep"]
+        rest = [o for o in opts if o.name != "ep"]
+        if not ep or not any(o.sharded for o in rest):
+            return opts
+        default = min(rest, key=lambda o: (o.memory.total, o.time_s))
+        return ep if ep[0].time_s < default.time_s and ep[0].memory.total <= default.memory.total else rest
+
+    return replace(costs, options=[settle(opts) for opts in costs.options])
+
+
+def solve_subset(full: LayoutCosts, subset: LayoutCosts, budget: float) -> Solution | None:
+    """`solve` over `subset`'s options (some of `full`'s, as `expert_parallel_decided` keeps),
+    its choice given as indices into `full`'s, so every option is still shown with the plan."""
+    sol = solve(subset, budget)
+    if sol is None or subset is full:
+        return sol
+    choice = [full.options[i].index(subset.options[i][j]) for i, j in enumerate(sol.choice)]
+    return Solution(sol.layout, choice, sol.time_s, sol.memory)

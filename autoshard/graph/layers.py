@@ -7,8 +7,9 @@ modules, never copying or mutating a parameter) whose capture costs `k` layers i
 
 "Identical" is checked, not assumed: every layer must have the same module tree, the same
 parameter/buffer names, shapes and dtypes, and the same plain attributes (e.g. an
-`attention_type` of "sliding_attention" on some layers makes them different); config lists with
-one entry per layer (`layer_types`) must hold one value.
+`attention_type` of "sliding_attention" on some layers makes them different), and the same
+entries of config lists with one entry per layer (`layer_types`). Layers may also repeat in
+groups (gpt-oss: sliding, full, sliding, full...): then a unit of `period` layers repeats.
 
     stack = find_layer_stack(model)        # LayerStack(path="model.layers", count=80, ...)
     small = truncated(model, stack, 3)     # same model, 3 layers, config.num_hidden_layers == 3
@@ -27,21 +28,29 @@ _PLAIN = (int, float, bool, str, type(None))
 
 
 MAX_PREFIX = 8   # distinct leading layers allowed before the identical run (DeepSeek-V3's 3 dense layers)
+MAX_PERIOD = 8   # layers of a repeating group (gpt-oss alternates sliding and full attention: 2; Gemma 3: 6)
 
 
 @dataclass(frozen=True)
 class LayerStack:
     """The `nn.ModuleList` at `path` of `count` layers, identical from layer `start` to the end
-    (the `start` layers before may differ: DeepSeek-V3's dense layers before its MoE ones)."""
+    (the `start` layers before may differ: DeepSeek-V3's dense layers before its MoE ones), or,
+    with `period` p > 1, repeating in groups of p layers from the first (layer i like layer i - p)."""
 
     path: str
     count: int
     params_per_layer: int
     start: int = 0
+    period: int = 1
 
     @property
     def repeating(self) -> int:
-        return self.count - self.start
+        """Repeating units: layers, or groups of `period` layers."""
+        return (self.count - self.start) // self.period
+
+    def keep(self, units: int) -> int:
+        """Layers a truncation to `units` repeating units (after the distinct leading layers) keeps."""
+        return self.start + units * self.period
 
 
 def layer_signature(layer: nn.Module) -> tuple:
@@ -80,37 +89,55 @@ def find_layer_stack(model: nn.Module, min_count: int = 2) -> tuple[LayerStack |
     `MAX_PREFIX` distinct layers first, and fewer than the identical ones), or (None, why)."""
     best: LayerStack | None = None
     why = "no nn.ModuleList of layers"
+    biggest, biggest_size = None, -1   # the decoder layers: the list holding the most parameters
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < min_count:
             continue
-        sigs = [layer_signature(layer) for layer in mod]
+        total = sum(p.numel() for p in mod.parameters())
+        if total > biggest_size:
+            biggest, biggest_size = path, total
+        config = getattr(model, "config", None)
+        sigs = [(layer_signature(layer), _config_entries(config, i, len(mod))) for i, layer in enumerate(mod)]
         start = len(sigs) - 1
         while start > 0 and sigs[start - 1] == sigs[-1]:
             start -= 1
+        period = 1
         if start and (start > MAX_PREFIX or len(sigs) - start < max(min_count, start + 1)):
-            differ = next(i for i, sig in enumerate(sigs) if sig != sigs[0])
-            why = f"{path}.{differ} differs in structure from {path}.0"
-            continue
-        size = sum(p.numel() for p in mod[-1].parameters())
-        if best is None or size * (len(mod) - start) > best.params_per_layer * best.repeating:
-            best = LayerStack(path, len(mod), size, start)
-    if best is not None:
-        uneven = _per_layer_config_lists(model, best)
-        if uneven:
-            return None, uneven
+            period = _period(sigs, min_count)
+            if period is None:
+                differ = next(i for i, sig in enumerate(sigs) if sig != sigs[0])
+                why = f"{path}.{differ} differs from {path}.0 " + (
+                    "in structure" if sigs[differ][0] != sigs[0][0] else f"in per-layer config ({_differing(sigs[0][1], sigs[differ][1])})")
+                continue
+            start = 0
+        size = sum(p.numel() for layer in mod[len(mod) - period:] for p in layer.parameters()) // period
+        if best is None or size * (len(mod) - start) > best.params_per_layer * (best.count - best.start):
+            best = LayerStack(path, len(mod), size, start, period)
+    if best is not None and best.path != biggest:
+        # a smaller list (one layer's experts) is no stand-in for the layers that do not repeat
+        return None, why
     return best, "" if best else why
 
 
-def _per_layer_config_lists(model: nn.Module, stack: LayerStack) -> str:
-    """A config list with one entry per layer (e.g. `layer_types`) must be uniform to repeat."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return ""
-    for key, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == stack.count and stack.count > 1:
-            if any(v != value[-1] for v in value[stack.start:]):
-                return f"config.{key} differs between layers ({sorted(set(map(str, value)))})"
-    return ""
+def _period(sigs: list, min_units: int) -> int | None:
+    """The smallest p > 1 with every layer like the one p before (the count a multiple of p, at
+    least `min_units` groups), or None."""
+    for p in range(2, MAX_PERIOD + 1):
+        if len(sigs) % p == 0 and len(sigs) // p >= min_units and all(sigs[i] == sigs[i - p] for i in range(p, len(sigs))):
+            return p
+    return None
+
+
+def _config_entries(config, i: int, n: int) -> tuple:
+    """Layer i's entries of the config lists with one entry per layer (`layer_types`): part of
+    what the layer computes, so they must repeat as the layers do."""
+    if config is None or n < 2:
+        return ()
+    return tuple((k, str(v[i])) for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == n)
+
+
+def _differing(a: tuple, b: tuple) -> str:
+    return ", ".join(f"config.{k}: {x} vs {y}" for (k, x), (_, y) in zip(a, b) if x != y)
 
 
 def truncated(model: nn.Module, stack: LayerStack, keep: int) -> nn.Module:

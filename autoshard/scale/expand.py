@@ -35,6 +35,7 @@ def expand_plan(plan: Plan, names: LayerNames) -> Plan:
     for key in ("regions", "boundaries", "loss_parallel", "implicit", "notes"):
         data[key] = _expand(data[key], names)
     data["attention"] = dict(_expand(list(data["attention"].items()), names))
+    data["expert_parallel"] = dict(_expand(list(data["expert_parallel"].items()), names))
     data["sharded_outputs"] = sorted(_expand(data["sharded_outputs"], names))
     for region in data["regions"]:
         region["nodes"] = sorted(region["nodes"])

@@ -85,14 +85,14 @@ def plan_layers_once(
         result.fallback = (f"memory_budget={plan_kwargs['memory_budget']!r} bounds the whole model's memory, which a "
                            "truncation does not have: planned in full")
     for repeating in attempts:
-        keep = repeating + (stack.start if stack is not None else 0)   # the distinct leading layers, and `repeating` identical ones
-        if stack is None or stack.count <= keep:
+        if stack is None or stack.count <= stack.keep(repeating):   # the distinct leading layers, and `repeating` identical units
             result.fallback = result.fallback or f"{stack.path} has {stack.count} layers: planned in full"
             break
         try:
-            return _plan_truncated(model, mesh, example_inputs, stack, keep, result, sequence_parallel, progress, verify, plan_kwargs)
+            return _plan_truncated(model, mesh, example_inputs, stack, stack.keep(repeating), result, sequence_parallel, progress,
+                                   verify, plan_kwargs)
         except Unsettled as e:
-            result.fallback = f"node names of {stack.path} not settled after {keep} layers ({e}): planned in full"
+            result.fallback = f"node names of {stack.path} not settled after {stack.keep(repeating)} layers ({e}): planned in full"
         except NotRepeating as e:
             result.fallback = f"layers of {stack.path} do not repeat exactly ({e}): planned in full"
             break
@@ -115,7 +115,7 @@ def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, veri
                    result.timings)
     plan, captured = run.plan, run.captured
     t0 = _start(progress, "expand", f"to {stack.count} layers")
-    names = LayerNames.from_captured(captured, stack.path, stack.count)
+    names = LayerNames.from_captured(captured, stack.path, stack.count, stack.period)
     full = expand_plan(plan, names)
     result.timings["expand"] = result.timings.get("expand", 0.0) + _stop(progress, "expand", t0)
 
@@ -130,17 +130,18 @@ def _plan_truncated(model, mesh, inputs, stack, keep, result, sp, progress, veri
         result.timings["estimate"] = _stop(progress, "estimate", t0)
     if verify:
         # one layer more, planned for real: the grown plan (and its estimate) must equal it
-        bigger = _planned(truncated(model, stack, keep + 1), mesh, inputs, sp, progress, f"{keep + 1} of {stack.count} layers (check)",
+        more = keep + stack.period
+        bigger = _planned(truncated(model, stack, more), mesh, inputs, sp, progress, f"{more} of {stack.count} layers (check)",
                           plan_kwargs, result.timings).plan
-        names_k1 = LayerNames.from_captured(captured, stack.path, keep + 1)
+        names_k1 = LayerNames.from_captured(captured, stack.path, more, stack.period)
         grown = expand_plan(plan, names_k1)
         if plan.estimate is not None:
             check = scaled_estimate(run, profile, names_k1)
-            _check_estimate(check, bigger.estimate, keep + 1)
+            _check_estimate(check, bigger.estimate, more)
         # the layout note quotes solver totals, which can differ from the estimate (choose prices a
         # tied table whole in the solver); the estimate was just compared, so leave the note out
         if _comparable(grown) != _comparable(bigger):
-            raise NotRepeating(f"the {keep}-layer plan grown to {keep + 1} layers differs from the {keep + 1}-layer plan")
+            raise NotRepeating(f"the {keep}-layer plan grown to {more} layers differs from the {more}-layer plan")
     result.plan = full
     result.run = run
     result.captured_layers = keep

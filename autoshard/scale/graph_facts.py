@@ -119,11 +119,16 @@ class Facts:
         top_k = getattr(self.config, "num_experts_per_tok", None)
         sharded = [p for p in experts if is_split(p.placement)]
         per_layer = {self._folded(p.fqn): p for p in experts}
-        state = "sharded (tensor parallel inside each expert)" if sharded and len(sharded) == len(experts) else (
-            "partly sharded" if sharded else "replicated")
+        whole = plan.expert_parallel and all(p.placement == "Shard(0)" for p in sharded)   # experts split over ranks
+        how = "expert parallel: whole experts split over ranks" if whole else "tensor parallel inside each expert"
+        state = f"sharded ({how})" if sharded and len(sharded) == len(experts) else ("partly sharded" if sharded else "replicated")
         out = [f"MoE experts: {n_exp or '?'} experts per layer, top-{top_k or '?'} routing; experts {state}"]
         for name, p in per_layer.items():
             out.append(f"  {name} {'x'.join(map(str, p.shape))}: {p.placement}: {self.why_replicated(p, plan) if not is_split(p.placement) else p.reason}")
+        if whole:
+            out.append(f"  each rank routes its own tokens (router replicated) and sends each (token, expert) row to its expert's rank "
+                       f"and back by all-to-all: 3 per MoE layer ({len(plan.expert_parallel)} layers)")
+            return out
         out.append("  routing is computed identically on every rank (router replicated), so each rank's experts see the same tokens as unsharded")
         if sharded:
             out.append("  each rank holds its slice of every expert's gate/up (intermediate dim) and down (row): one reduce per MoE layer, as a dense MLP")

@@ -50,7 +50,8 @@ def split_name(name: str) -> tuple[str, int]:
 @dataclass
 class LayerNames:
     container: str                        # "model.layers"
-    n_layers: int                         # N of the full model
+    n_layers: int                         # N of the full model, in units of `period` layers
+    period: int = 1                       # layers per repeating unit (gpt-oss: sliding + full = 2)
     captured: int = 0                     # K
     layer_of: dict[str, int] = field(default_factory=dict)            # layer node -> its layer
     position: dict[str, int] = field(default_factory=dict)            # node of the last 3 -> index
@@ -66,8 +67,10 @@ class LayerNames:
 
     # ---- building ------------------------------------------------------------------------------
     @classmethod
-    def from_captured(cls, captured: Captured, container: str, n_layers: int) -> "LayerNames":
-        self = cls(container=container, n_layers=n_layers)
+    def from_captured(cls, captured: Captured, container: str, n_layers: int, period: int = 1) -> "LayerNames":
+        """`n_layers`: the full model's layers; with `period` p, every p consecutive layers are
+        one unit (the "layer" of the rest of this module)."""
+        self = cls(container=container, n_layers=n_layers // period, period=period)
         fqn_layer = re.compile(rf"^{re.escape(container)}\.(\d+)\.")
         owned = {**captured.param_fqns, **captured.buffer_fqns}
         nodes: list[list[fx.Node]] = []
@@ -78,7 +81,7 @@ class LayerNames:
             if node.op == "placeholder":
                 m = fqn_layer.match(owned.get(node.name, ""))
                 if m:
-                    self.layer_of[node.name] = int(m.group(1))
+                    self.layer_of[node.name] = int(m.group(1)) // period
                     self.placeholders.add(node.name)
                 continue
             layer = self._stack_layer(node)
@@ -113,7 +116,7 @@ class LayerNames:
             if path.startswith(prefix):
                 head = path[len(prefix):].split(".", 1)[0]
                 if head.isdigit():
-                    return int(head)
+                    return int(head) // self.period
         return None
 
     def _match_last_layers(self, nodes: list[list[fx.Node]]) -> None:
@@ -177,8 +180,8 @@ class LayerNames:
 
     # ---- renaming ------------------------------------------------------------------------------
     def _shift_placeholder(self, name: str, src: int, dst: int) -> str:
-        tag = self.container.replace(".", "_")
-        return name.replace(f"{tag}_{src}_", f"{tag}_{dst}_", 1)
+        tag = self.container.replace(".", "_")   # the index is the layer's, a unit is `period` layers
+        return re.sub(rf"{re.escape(tag)}_(\d+)_", lambda m: f"{tag}_{int(m.group(1)) + (dst - src) * self.period}_", name, count=1)
 
     def is_numbered(self, name: str) -> bool:
         return name in self.placeholders or _SUFFIX.match(name) is not None
@@ -210,9 +213,10 @@ class LayerNames:
         if not fqn.startswith(prefix):
             return fqn
         head, dot, rest = fqn[len(prefix):].partition(".")
-        if not head.isdigit() or int(head) not in layer_map:
+        if not head.isdigit() or int(head) // self.period not in layer_map:
             return fqn
-        return f"{prefix}{layer_map[int(head)]}{dot}{rest}"
+        unit, phase = divmod(int(head), self.period)
+        return f"{prefix}{layer_map[unit] * self.period + phase}{dot}{rest}"
 
     def layer_named(self, token: str) -> int | None:
         """The captured layer a token (node name or FQN) belongs to, if any. A bare op name
@@ -223,7 +227,7 @@ class LayerNames:
         if token.startswith(prefix):
             head = token[len(prefix):].split(".", 1)[0]
             if head.isdigit():
-                return int(head)
+                return int(head) // self.period
         return None
 
 
