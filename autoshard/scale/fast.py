@@ -1,6 +1,7 @@
 """Plan a deep model at the cost of four of its layers.
 
-`plan_layers_once(model, mesh, inputs)` finds the stack of identical decoder layers, plans a
+`plan_layers_once(model, mesh, inputs)` finds the stack of identical decoder layers (or of
+groups of layers that repeat: gpt-oss's sliding/full pairs are units of 2), plans a
 copy of the model truncated to 4 of them with `autoshard.plan` (the first layer, two middle
 layers, the last one: everything a layer's plan can depend on, and enough layers for fx's node
 numbering to settle), checks on the captured graph that the layers really trace identically,
