@@ -22,11 +22,9 @@ also plans and compiles autoshard's programs; that time is reported separately).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -122,26 +120,15 @@ def _variant(name: str, mesh, args, rank: int) -> dict:
 
 
 def _rank(rank: int, ws: int, port: int, args, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws)
-    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("tp",))
-    rows = []
-    for v in args.variants:
+    def run(v, mesh):
         try:
-            rows.append(_variant(v, mesh, args, rank))
+            return _variant(v, mesh, args, rank)
         except Exception as e:  # noqa: BLE001 - a failing variant is reported, the others still run
-            rows.append({"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-        if rank == 0:
-            print(rows[-1], flush=True)
-    if rank == 0:
-        out.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+            return {"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+    from bench.train_step import run_variants
+
+    run_variants(rank, ws, port, args.variants, run, out, threads=1)
 
 
 def report(rows: list[dict], machine: str, args) -> str:

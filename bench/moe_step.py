@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import functools
 import os
 import sys
 import tempfile
 import traceback
-from pathlib import Path
 
 import torch
 
-from bench.train_step import _comms, _machine, _ms, _time_steps, _weigh, _why, spawn_ranks, write_result
+from bench.train_step import _comms, _machine, _ms, _time_steps, _weigh, _why, run_variants, spawn_ranks, write_result
 
 CONFIG = ("tiny-mixtral", {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
                            "num_key_value_heads": 8, "num_hidden_layers": 2, "num_local_experts": 8,
@@ -138,25 +137,14 @@ def _variant(variant: str, mesh, args, rank: int, reference: float, dynamic: boo
 
 
 def _rank(rank: int, ws: int, port: int, args, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+    run_variants(rank, ws, port, args.variants, lambda v, mesh: _variant(v, mesh, args, rank, _reference()), out)
 
-    torch.set_num_threads(max(1, (os.cpu_count() or ws) // ws))
-    dist.init_process_group("gloo", rank=rank, world_size=ws)
-    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("tp",))
+
+@functools.cache
+def _reference() -> float:
+    """The unsharded model's loss on the bench's inputs (the same random weights every variant gets)."""
     model = _model()
-    reference = float(copy.deepcopy(model)(**_inputs(model.config.vocab_size)).loss)
-    rows = []
-    for v in args.variants:
-        rows.append(_variant(v, mesh, args, rank, reference))
-        if rank == 0:
-            print(rows[-1], flush=True)
-    if rank == 0:
-        out.put(rows)
-    dist.barrier()
-    dist.destroy_process_group()
+    return float(model(**_inputs(model.config.vocab_size)).loss)
 
 
 def report(rows: list[dict], before: str, after: str, args) -> str:

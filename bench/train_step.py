@@ -178,17 +178,23 @@ def _variant(variant: str, mesh, args, rank: int) -> dict:
 
 
 def _rank(rank: int, ws: int, port: int, args, out) -> None:
+    run_variants(rank, ws, port, args.variants, lambda v, mesh: _variant(v, mesh, args, rank), out)
+
+
+def run_variants(rank: int, ws: int, port: int, variants, run, out, threads: int | None = None) -> None:
+    """One spawned bench rank: a gloo group and a 1-D "tp" mesh, `run(variant, mesh)` -> row for
+    each variant (rank 0 prints each row and puts them all on `out`), then the group torn down."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(max(1, (os.cpu_count() or ws) // ws))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or ws) // ws))
     dist.init_process_group("gloo", rank=rank, world_size=ws)
     mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("tp",))
     rows = []
-    for v in args.variants:
-        rows.append(_variant(v, mesh, args, rank))
+    for v in variants:
+        rows.append(run(v, mesh))
         if rank == 0:
             print(rows[-1], flush=True)
     if rank == 0:
