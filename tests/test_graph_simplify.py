@@ -171,3 +171,39 @@ def test_conv1d_addmm_becomes_a_linear_of_the_transposed_weight_without_the_fold
     out.sum().backward()
     expect.sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+class MatmulLinears(nn.Module):
+    """Falcon's `FalconLinear` (`x @ W.T + b`), a weight stored `[in, out]` (`x @ W`), and a
+    product of two activations, which is no linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8))
+        self.b = nn.Parameter(torch.randn(6))
+        self.w_in_out = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        h = x @ self.w.T + self.b
+        return (h @ self.w_in_out) @ h.transpose(-1, -2)[..., :4, :]
+
+
+def test_matmul_of_a_weight_becomes_a_linear_with_its_bias_and_products_of_activations_stay():
+    x = torch.randn(2, 3, 8)
+    model = MatmulLinears()
+    ep = _exported(model, (x,))
+    assert simplify.matmul_as_linear(ep.graph_module)
+    ep.graph_module.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    linears = [n for n in nodes if n.target is torch.ops.aten.linear.default]
+    assert [len(n.args) for n in linears] == [3, 2]  # the bias folded into the first
+    assert linears[0].args[1].op == "placeholder" and linears[1].args[1].target is torch.ops.aten.t.default
+    assert [n.target for n in nodes].count(torch.ops.aten.matmul.default) == 1
+    assert torch.ops.aten.add.Tensor not in {n.target for n in nodes}
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), model(b)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
