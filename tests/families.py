@@ -34,9 +34,9 @@ _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_la
 _HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads", "encoder_attention_heads",
           "attention_heads")
 _KV = ("num_key_value_heads", "n_kv_heads", "multi_query_group_num", "num_kv_heads", "num_key_value_groups_count")
-_HEAD_DIM = ("head_dim", "kv_channels", "attention_head_dim", "global_head_dim")
+_HEAD_DIM = ("head_dim", "kv_channels", "attention_head_dim", "global_head_dim", "d_head")
 _FFN = ("intermediate_size", "ffn_dim", "n_inner", "decoder_ffn_dim", "encoder_ffn_dim", "ffn_hidden_size", "d_ff",
-        "inner_hidden_size", "dim_ff", "mlp_dim", "hidden_dim_ffn")
+        "inner_hidden_size", "dim_ff", "mlp_dim", "hidden_dim_ffn", "d_inner")
 _POS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length", "seq_length",
         "max_length_positions")
 _EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts", "n_experts")
@@ -55,7 +55,12 @@ _SMALL_INTS = {  # misc. sizes that would otherwise stay large or inconsistent w
     "hidden_size_per_head": 16, "hidden_size_per_layer_input": 16, "num_kv_shared_layers": 0,
     "zero_expert_num": 2, "rotary_dim": 8, "rotary_emb_dim": 8,
     "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_expand": 2, "mamba_headdim": 16, "n_mamba_heads": 8,
-    "mamba_d_ssm": 128,
+    "mamba_d_ssm": 128, "mamba_num_heads": 8, "mamba_head_dim": 16,
+    # sizes of side modules that otherwise keep their full-scale width on the 64-wide model (a
+    # sparse-attention indexer of 64 heads x 128 was 79 % of tiny DeepSeek-V3.2)
+    "index_n_heads": 4, "index_head_dim": 16, "o_lora_rank": 32, "lru_width": 64,
+    "linear_num_heads": 4, "linear_head_dim": 16, "attention_hidden_size": 64,
+    "input_embedding_size": 32, "output_embedding_size": 96,
 }
 
 # Per-family overrides, applied after the generic rule, only where it cannot work. Keep it small.
@@ -80,10 +85,15 @@ def _set(cfg, names, value) -> None:
         v = cfg.__dict__.get(n)
         # 0 usually means "disabled": leave it; so are bools
         if n in cfg.__dict__ and v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and v != 0:
-            try:
-                setattr(cfg, n, value)
-            except Exception:  # noqa: BLE001 - a read-only property; leave it
-                pass
+            new = value
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            new = type(v)(value if x else 0 for x in v)  # per-layer sizes (Gemma3n's intermediate_size)
+        else:
+            continue
+        try:
+            setattr(cfg, n, new)
+        except Exception:  # noqa: BLE001 - a read-only property; leave it
+            pass
 
 
 def _token_ids(cfg) -> dict[str, int | list]:

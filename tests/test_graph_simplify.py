@@ -207,3 +207,91 @@ def test_matmul_of_a_weight_becomes_a_linear_with_its_bias_and_products_of_activ
     out.sum().backward()
     expect.sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+class ViewedGateUp(nn.Module):
+    """Moshi's gating MLP: `fc1(x).view(b, s, 2, -1)`, gate `[..., 0, :]` and up `[..., 1, :]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(6, 8)
+
+    def forward(self, x):
+        h = self.fc1(x).view(x.shape[0], x.shape[1], 2, -1)
+        return self.fc2(torch.nn.functional.silu(h[..., 0, :]) * h[..., 1, :])
+
+
+def test_view_read_part_by_part_becomes_a_chunk_with_equal_values_and_gradients():
+    x = torch.randn(2, 3, 8)
+    model = ViewedGateUp()
+    ep = _exported(model, (x,))
+    assert simplify.view_parts_as_chunk(ep.graph_module)
+    ep.graph_module.recompile()
+    ops = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.chunk.default in ops and torch.ops.aten.select.int not in ops
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), model(b)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+class ChannelsFirstParts(nn.Module):
+    """LFM2's short conv input: `in_proj(x).transpose(-1, -2).chunk(3, dim=-2)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_proj = nn.Linear(8, 12)
+
+    def forward(self, x):
+        b, c, h = self.in_proj(x).transpose(-1, -2).chunk(3, dim=-2)
+        return (b * h).transpose(-1, -2) + c.sum()
+
+
+def test_chunk_of_a_transpose_is_cut_before_it_with_equal_values_and_gradients():
+    x = torch.randn(2, 3, 8)
+    model = ChannelsFirstParts()
+    ep = _exported(model, (x,))
+    assert simplify.chunk_before_transpose(ep.graph_module)
+    ep.graph_module.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    chunk = next(n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.chunk.default)
+    assert chunk.args[0].target is torch.ops.aten.linear.default and chunk.args[2] == 2  # the features' dim
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), model(b)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+class ChannelsFirstOut(nn.Module):
+    """A channels-first value transposed back into a linear, through a `.to()` that changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):  # x: [b, channels, seq]
+        y = x.transpose(1, 2).to(x.device)
+        return self.out(y)
+
+
+def test_non_contiguous_linear_input_is_copied_and_no_op_casts_go():
+    x = torch.randn(2, 6, 5)
+    model = ChannelsFirstOut()
+    ep = _exported(model, (x,))
+    assert simplify.same_value_casts_dropped(ep.graph_module)
+    assert simplify.contiguous_linear_inputs(ep.graph_module)
+    ep.graph_module.recompile()
+    nodes = [n for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.to.device not in {n.target for n in nodes}
+    linear = next(n for n in nodes if n.target is torch.ops.aten.linear.default)
+    assert linear.args[0].target is torch.ops.aten.clone.default and linear.args[0].meta["val"].is_contiguous()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), model(b)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)

@@ -146,6 +146,14 @@ class _Lowering:
                 return True
         return False
 
+    def _wraps(self, node: fx.Node, move) -> bool:
+        """Is `node` the rewrite's `ToReplicate` or `Redistribute` of the value `move` slices, to
+        the placement the slice starts from (a table the graph computes, BLOOM's ALiBi slopes; an
+        embedding sum replicated before the sequence-sharded stream): DTensor slices the wrapper's
+        output, so the lowering does."""
+        return (node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), (runtime.ToReplicate, runtime.Redistribute))
+                and getattr(node.args[0], "name", None) == move.source and self.placement.get(node) == parse_placement(move.src))
+
     def _insert_conversions(self):
         moves: dict[str, list] = {}
         for r in self.sim.redistributions:
@@ -158,7 +166,7 @@ class _Lowering:
                 if node.target is aten.embedding.default and self.placement.get(node.args[0]) == Shard(0):
                     continue  # the ids' MaskPartial: the vocab-parallel lookup does it
                 for r in moves[node.name]:
-                    src = next((a for a in node.all_input_nodes if a.name == r.source), None)
+                    src = next((a for a in node.all_input_nodes if a.name == r.source or self._wraps(a, r)), None)
                     if src is None and self._made_explicit(node, r):
                         continue  # the rewrite sliced it with a Redistribute: lowered as one
                     if src is None:

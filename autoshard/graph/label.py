@@ -78,7 +78,7 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
         found = _label_group(analysis, simulator, order, group, stats=False)
         candidates.extend(found)
         rows.update(r for c in found if c.legal for r in c.row_nodes)
-        if not any(c.legal for c in found):
+        if not found[0].legal:
             failed.append(group)
     # Second, a group that failed may shard with a norm over its sharded width reducing its
     # statistic (OLMo-2's q/k norm), unless that would make a row of a linear that is itself a
@@ -88,8 +88,17 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
         group = [n for n in group if n.name not in rows]
         if not group:  # all of it became rows of a region found in this pass
             continue
-        found = [c for c in _label_group(analysis, simulator, order, group, stats=True) if c.legal and c.reduces]
+        singles = [c for c in candidates if c.legal and set(c.column_nodes) <= {n.name for n in group}]
+        if singles:  # some linears shard alone (Gemma3n's up_proj): only the whole group with a statistic replaces them
+            whole = _grow(analysis, simulator, order, group, stats=True)
+            found = [whole] if whole.legal and whole.reduces else []
+        else:
+            found = [c for c in _label_group(analysis, simulator, order, group, stats=True) if c.legal and c.reduces]
         found = [c for c in found if not set(c.row_nodes) & starts]
+        if found and singles:
+            for c in singles:
+                candidates.remove(c)
+                rows.difference_update(c.row_nodes)
         candidates.extend(found)
         rows.update(r for c in found for r in c.row_nodes)
     _join_at_attention(analysis, simulator, order, candidates)

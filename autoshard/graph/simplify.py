@@ -7,6 +7,16 @@ import operator
 
 import torch
 
+from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
+from autoshard.graph.head_folds import unfold_batch_heads
+from autoshard.graph.statistics import spreads_as_means
+from autoshard.graph.linear_forms import (addmm_as_linear, chunk_before_transpose, contiguous_linear_inputs, matmul_as_linear,
+                                          same_value_casts_dropped, view_parts_as_chunk)
+
+__all__ = ["simplify", "addmm_as_linear", "matmul_as_linear", "view_parts_as_chunk", "chunk_before_transpose",
+           "unfold_batch_heads", "depthwise_conv_as_taps", "contiguous_linear_inputs", "same_value_casts_dropped",
+           "spreads_as_means"]
+
 aten = torch.ops.aten
 
 
@@ -18,6 +28,13 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     changed |= out_of_place_updates(gm)
     changed |= addmm_as_linear(gm)
     changed |= matmul_as_linear(gm)
+    changed |= unfold_batch_heads(gm)
+    changed |= view_parts_as_chunk(gm)
+    changed |= chunk_before_transpose(gm)
+    changed |= depthwise_conv_as_taps(gm)
+    changed |= same_value_casts_dropped(gm)
+    changed |= contiguous_linear_inputs(gm)
+    changed |= spreads_as_means(gm)
     changed |= slice_fills_as_cat(gm)
     if changed:
         gm.graph.eliminate_dead_code()
@@ -146,91 +163,6 @@ def log_sigmoid_as_softplus(gm: torch.fx.GraphModule) -> bool:
             gm.graph.erase_node(node)
             changed = True
     return changed
-
-
-def addmm_as_linear(gm: torch.fx.GraphModule) -> bool:
-    """`addmm(b, x, W)` with a model weight `W` stored `[in, out]` (GPT-2's `Conv1D`) as
-    `linear(x, W.t(), b)`: the same product, in the form whose weight and feature dims the
-    passes know (the transpose runs on the weight's shards). Conv1D's fold of the batch dims
-    around it (`view(-1, in)` ... `view(*lead, out)`) goes too: `linear` takes N-d input, and the
-    features then stay the last dim all the way (where a fused output is cut into q, k, v)."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
-            continue
-        bias, x, w = node.args[:3]
-        if len(node.args) > 3 or not (isinstance(w, torch.fx.Node) and w.op == "placeholder"):
-            continue  # beta/alpha given, or a product of two activations: left as it is
-        wv, bv = w.meta.get("val"), getattr(bias, "meta", {}).get("val")
-        if not (isinstance(wv, torch.Tensor) and wv.ndim == 2 and isinstance(bv, torch.Tensor) and bv.ndim == 1):
-            continue
-        result = node
-        unfold = next(iter(node.users)) if len(node.users) == 1 else None
-        if _is_view(x) and _is_view(unfold) and _dims(unfold) == _dims(x.args[0])[:-1] + _dims(node)[-1:]:
-            x, result = x.args[0], unfold
-        with gm.graph.inserting_before(node):
-            wt = gm.graph.call_function(aten.t.default, (w,))
-            new = gm.graph.call_function(aten.linear.default, (x, wt, bias))
-        wt.meta = {**w.meta, "val": wv.t()}
-        new.meta = dict(result.meta)
-        result.replace_all_uses_with(new)
-        if result is not node:
-            gm.graph.erase_node(result)
-        gm.graph.erase_node(node)
-        changed = True
-    return changed
-
-
-_TRANSPOSES = (aten.numpy_T.default, aten.t.default)
-
-
-def matmul_as_linear(gm: torch.fx.GraphModule) -> bool:
-    """`x @ W.T (+ b)` with a 2-D model weight (Falcon's `FalconLinear`, hand-written models) as
-    `linear(x, W, b)`, and `x @ W` with `W` stored `[in, out]` as `linear(x, W.t())`: the same
-    product in the form whose weight and feature dims the passes know. A bias added right after
-    (`+ b`, 1-D, the product's only user) becomes the linear's bias, split with its features."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.matmul.default or node.kwargs:
-            continue
-        x, w = node.args
-        xv, wv = _val(x), _val(w)
-        if xv is None or wv is None or wv.ndim != 2 or xv.ndim < 2:
-            continue
-        if w.op == "call_function" and w.target in _TRANSPOSES and _is_placeholder(w.args[0]):
-            weight, drop = w.args[0], w
-        elif _is_placeholder(w):
-            weight, drop = None, None
-        else:
-            continue
-        result, bias = node, None
-        add = next(iter(node.users)) if len(node.users) == 1 else None
-        if (add is not None and add.target is aten.add.Tensor and not add.kwargs and len(add.args) == 2
-                and add.args[0] is node and _is_placeholder(add.args[1]) and getattr(_val(add.args[1]), "ndim", 0) == 1):
-            result, bias = add, add.args[1]
-        with gm.graph.inserting_before(node):
-            if weight is None:  # stored [in, out]: the transpose runs on the weight's shards
-                weight = gm.graph.call_function(aten.t.default, (w,))
-                weight.meta = {**w.meta, "val": wv.t()}
-            new = gm.graph.call_function(aten.linear.default, (x, weight, bias) if bias is not None else (x, weight))
-        new.meta = dict(result.meta)
-        result.replace_all_uses_with(new)
-        if result is not node:
-            gm.graph.erase_node(result)
-        gm.graph.erase_node(node)
-        if drop is not None and not drop.users:
-            gm.graph.erase_node(drop)
-        changed = True
-    return changed
-
-
-def _val(node):
-    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _is_placeholder(node) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "placeholder"
 
 
 def slice_fills_as_cat(gm: torch.fx.GraphModule) -> bool:

@@ -1,0 +1,155 @@
+"""Undo attention code's fold of batch and heads into one dim.
+
+Older attention code (BART-style XGLM, TrOCR, MVP; BLOOM with its ALiBi bias) runs
+`q.view(b, s, h, d).transpose(1, 2).reshape(b * h, s, d)` and then `bmm`/`baddbmm` on 3-D
+tensors, viewing the scores back to `[b, h, s, s]` for the mask. With heads split over tp the
+merged `b * h` dim is no placement DTensor has (rank r holds every batch's heads r), so the
+whole attention was replicated. The same computation on the unmerged 4-D tensors (`matmul`
+batches over `b` and `h`) keeps heads a dim of their own: an island of values living merged is
+rewritten onto their 4-D sources, from the merges to the views that split `b * h` again.
+
+An island is rewritten only when every op in it has a 4-D form here and every value leaving it
+is split back to `[b, h, ...]`; anything else leaves the graph as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from autoshard.graph.fx_nodes import call as _call
+
+aten = torch.ops.aten
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_UNARY = (aten.softmax.int, aten._softmax.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default,
+          aten.mul.Tensor, aten.div.Tensor, aten.clone.default, aten.alias.default, aten.detach.default)
+
+_FRESH = (aten.matmul.default, aten.add.Tensor, aten.softmax.int, aten._softmax.default, aten.clone.default)  # contiguous results
+
+
+def unfold_batch_heads(gm: fx.GraphModule) -> bool:
+    """Rewrite every island of `[b * h, ...]` values onto 4-D `[b, h, ...]` ones (see module doc)."""
+    nodes = list(gm.graph.nodes)
+    lead: dict[fx.Node, tuple] = {}  # a value living merged -> its (b, h)
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def root(n):
+        while parent[n] is not n:
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        if _merged_source(n) is not None:
+            lead[n], parent[n] = _lead(n), n
+        elif _has_4d_form(n):
+            ins = [a for a in n.all_input_nodes if _val(a) is not None]
+            if ins and all(a in lead and _same(lead[a], lead[ins[0]]) for a in ins):
+                lead[n], parent[n] = lead[ins[0]], n
+                for a in ins:
+                    parent[root(a)] = n
+    bad = {root(n) for n in lead for u in n.users
+           if u not in lead and not _splits(u, lead[n]) and u.target is not aten._assert_tensor_metadata.default}
+    good = [n for n in nodes if n in lead and root(n) not in bad]
+    if not good:
+        return False
+    g, four, done = gm.graph, {}, []
+    for n in nodes:
+        if n in lead and root(n) not in bad:
+            with g.inserting_after(n):
+                four[n] = _four_d(g, n, four)
+        elif n.op == "call_function" and n.target in _RESHAPES and n.args[0] in four:
+            # a split of a merged value is its 4-D form, made contiguous as the merge made it
+            c = four[n.args[0]]
+            if c.target not in _FRESH:
+                with g.inserting_after(n):
+                    c = _call(g, aten.clone.default, (c,), {"memory_format": torch.contiguous_format})
+            n.replace_all_uses_with(c)
+            done.append(n)
+    for n in done + good[::-1]:
+        for user in list(n.users):
+            if user.target is aten._assert_tensor_metadata.default:
+                g.erase_node(user)
+        g.erase_node(n)
+    return True
+
+
+def _val(node):
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _merged_source(node: fx.Node):
+    """(kind, source) when `node` is a 4-D `[b, h, *rest]` value merged to `[b * h, *rest]`:
+    a reshape ("reshape"), or `repeat` of `[h, *rest]` b times on dim 0 ("repeat", BLOOM's ALiBi)."""
+    if node.op != "call_function":
+        return None
+    out, src = _val(node), _val(node.args[0]) if node.args else None
+    if out is None or src is None:
+        return None
+    if node.target in _RESHAPES and src.ndim == out.ndim + 1 >= 4 and _same(out.shape[1:], src.shape[2:]) \
+            and statically_known_true(out.shape[0] == src.shape[0] * src.shape[1]):
+        return "reshape", node.args[0]
+    if node.target is aten.repeat.default and src.ndim == out.ndim >= 3 and all(r == 1 for r in node.args[1][1:]):
+        return "repeat", node.args[0]
+    return None
+
+
+def _splits(node: fx.Node, lead) -> bool:
+    """Does reshape `node` split a merged value back to `[b, h, *rest]`?"""
+    out, src = _val(node), _val(node.args[0])
+    return (node.target in _RESHAPES and out is not None and out.ndim == src.ndim + 1 and _same(out.shape[:2], lead)
+            and _same(out.shape[2:], src.shape[1:]))
+
+
+def _lead(node: fx.Node):
+    kind, src = _merged_source(node)
+    if kind == "reshape":
+        return tuple(_val(src).shape[:2])
+    b = node.args[1][0]
+    return (b.meta["val"] if isinstance(b, fx.Node) else b, _val(src).shape[0])
+
+
+def _has_4d_form(node: fx.Node) -> bool:
+    t = node.target
+    if t in (aten.bmm.default, aten.baddbmm.default):
+        return True
+    if t is aten.transpose.int:
+        return all(d % _val(node).ndim != 0 for d in node.args[1:3])
+    if t in (aten.softmax.int, aten._softmax.default):
+        return node.args[1] % _val(node).ndim != 0
+    if t in _UNARY:
+        return sum(_val(a) is not None for a in node.all_input_nodes) == 1
+    return False
+
+
+def _four_d(g: fx.Graph, n: fx.Node, four: dict) -> fx.Node:
+    kind_src = _merged_source(n)
+    if kind_src is not None:
+        kind, src = kind_src
+        if kind == "reshape":
+            return src
+        un = _call(g, aten.unsqueeze.default, (src, 0))  # repeat of [h, ...] b times: expand, not copy
+        return _call(g, aten.expand.default, (un, [n.args[1][0]] + [-1] * _val(src).ndim), after=un)
+    args = [four.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
+    t = n.target
+    if t is aten.bmm.default:
+        return _call(g, aten.matmul.default, tuple(args))
+    if t is aten.baddbmm.default:
+        beta, alpha = n.kwargs.get("beta", 1), n.kwargs.get("alpha", 1)
+        mm = _call(g, aten.matmul.default, (args[1], args[2]))
+        last = mm if alpha == 1 else _call(g, aten.mul.Tensor, (mm, alpha), after=mm)
+        bias = args[0] if beta == 1 else _call(g, aten.mul.Tensor, (args[0], beta), after=last)
+        return _call(g, aten.add.Tensor, (bias, last), after=bias if beta != 1 else last)
+    if t is aten.transpose.int:
+        nd = _val(n).ndim
+        return _call(g, t, (args[0], args[1] % nd + 1, args[2] % nd + 1))
+    if t in (aten.softmax.int, aten._softmax.default):
+        nd = _val(n).ndim
+        return _call(g, t, (args[0], args[1] % nd + 1, *args[2:]), dict(n.kwargs))
+    return _call(g, t, tuple(args), dict(n.kwargs))
