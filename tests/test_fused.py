@@ -102,7 +102,7 @@ def test_moshi_gate_up_read_through_a_view_splits_part_by_part_tp2(ranks2):
         assert r["plan"][f"{mlp}.fc1.weight"] == "_StridedShard(0, sf=2)" and r["plan"][f"{mlp}.fc2.weight"] == "Shard(1)"
 
 
-@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+@pytest.mark.parametrize("lower", [pytest.param(False, marks=pytest.mark.slow), True], ids=["dtensor", "lowered"])
 def test_lfm2_short_conv_splits_its_channels_tp2(ranks2, lower):
     """LFM2's short conv: in_proj's B | C | x (read channels first) split part by part, the
     depthwise conv on each rank's channels, out_proj row."""
