@@ -40,6 +40,16 @@ def _exported(model, args):
     return torch.export.export(model, args, strict=False)
 
 
+def _assert_same_values_and_input_grads(ep, model, x):
+    """The rewritten program computes the model's output and its input's gradient."""
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expect = ep.module()(a), model(b)
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    expect.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
 def _grads(model):
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
@@ -165,12 +175,7 @@ def test_conv1d_addmm_becomes_a_linear_of_the_transposed_weight_without_the_fold
     assert linear.args[0].op == "placeholder" and linear.args[1].target is torch.ops.aten.t.default  # N-d input, W.t()
     assert ops.count(torch.ops.aten.addmm.default) == 1  # the one with beta=0.5 is left alone
     assert torch.ops.aten.view.default not in {u.target for u in linear.users}
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expect = ep.module()(a), model(b)
-    torch.testing.assert_close(out, expect)
-    out.sum().backward()
-    expect.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class MatmulLinears(nn.Module):
@@ -201,12 +206,7 @@ def test_matmul_of_a_weight_becomes_a_linear_with_its_bias_and_products_of_activ
     assert linears[0].args[1].op == "placeholder" and linears[1].args[1].target is torch.ops.aten.t.default
     assert [n.target for n in nodes].count(torch.ops.aten.matmul.default) == 1
     assert torch.ops.aten.add.Tensor not in {n.target for n in nodes}
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expect = ep.module()(a), model(b)
-    torch.testing.assert_close(out, expect)
-    out.sum().backward()
-    expect.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class ViewedGateUp(nn.Module):
@@ -229,12 +229,7 @@ def test_view_read_part_by_part_becomes_a_chunk_with_equal_values_and_gradients(
     ep.graph_module.recompile()
     ops = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.chunk.default in ops and torch.ops.aten.select.int not in ops
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expect = ep.module()(a), model(b)
-    torch.testing.assert_close(out, expect)
-    out.sum().backward()
-    expect.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class ChannelsFirstParts(nn.Module):
@@ -258,12 +253,7 @@ def test_chunk_of_a_transpose_is_cut_before_it_with_equal_values_and_gradients()
     ep.graph_module.recompile()
     chunk = next(n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.chunk.default)
     assert chunk.args[0].target is torch.ops.aten.linear.default and chunk.args[2] == 2  # the features' dim
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expect = ep.module()(a), model(b)
-    torch.testing.assert_close(out, expect)
-    out.sum().backward()
-    expect.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class ChannelsFirstOut(nn.Module):
@@ -289,9 +279,4 @@ def test_non_contiguous_linear_input_is_copied_and_no_op_casts_go():
     assert torch.ops.aten.to.device not in {n.target for n in nodes}
     linear = next(n for n in nodes if n.target is torch.ops.aten.linear.default)
     assert linear.args[0].target is torch.ops.aten.clone.default and linear.args[0].meta["val"].is_contiguous()
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, expect = ep.module()(a), model(b)
-    torch.testing.assert_close(out, expect)
-    out.sum().backward()
-    expect.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    _assert_same_values_and_input_grads(ep, model, x)

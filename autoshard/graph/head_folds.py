@@ -19,6 +19,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autoshard.graph.fx_nodes import call as _call
+from autoshard.graph.fx_nodes import tensor_value as _val
 
 aten = torch.ops.aten
 
@@ -57,7 +58,7 @@ def unfold_batch_heads(gm: fx.GraphModule) -> bool:
     g, four, done = gm.graph, {}, []
     for n in nodes:
         if n in lead and root(n) not in bad:
-            with g.inserting_after(n):
+            with g.inserting_before(n.next):  # new nodes in the order they are made
                 four[n] = _four_d(g, n, four)
         elif n.op == "call_function" and n.target in _RESHAPES and n.args[0] in four:
             # a split of a merged value is its 4-D form, made contiguous as the merge made it
@@ -73,11 +74,6 @@ def unfold_batch_heads(gm: fx.GraphModule) -> bool:
                 g.erase_node(user)
         g.erase_node(n)
     return True
-
-
-def _val(node):
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _same(a, b) -> bool:
@@ -135,7 +131,7 @@ def _four_d(g: fx.Graph, n: fx.Node, four: dict) -> fx.Node:
         if kind == "reshape":
             return src
         un = _call(g, aten.unsqueeze.default, (src, 0))  # repeat of [h, ...] b times: expand, not copy
-        return _call(g, aten.expand.default, (un, [n.args[1][0]] + [-1] * _val(src).ndim), after=un)
+        return _call(g, aten.expand.default, (un, [n.args[1][0]] + [-1] * _val(src).ndim))
     args = [four.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
     t = n.target
     if t is aten.bmm.default:
@@ -143,9 +139,9 @@ def _four_d(g: fx.Graph, n: fx.Node, four: dict) -> fx.Node:
     if t is aten.baddbmm.default:
         beta, alpha = n.kwargs.get("beta", 1), n.kwargs.get("alpha", 1)
         mm = _call(g, aten.matmul.default, (args[1], args[2]))
-        last = mm if alpha == 1 else _call(g, aten.mul.Tensor, (mm, alpha), after=mm)
-        bias = args[0] if beta == 1 else _call(g, aten.mul.Tensor, (args[0], beta), after=last)
-        return _call(g, aten.add.Tensor, (bias, last), after=bias if beta != 1 else last)
+        last = mm if alpha == 1 else _call(g, aten.mul.Tensor, (mm, alpha))
+        bias = args[0] if beta == 1 else _call(g, aten.mul.Tensor, (args[0], beta))
+        return _call(g, aten.add.Tensor, (bias, last))
     if t is aten.transpose.int:
         nd = _val(n).ndim
         return _call(g, t, (args[0], args[1] % nd + 1, args[2] % nd + 1))

@@ -7,6 +7,8 @@ import operator
 
 import torch
 
+from autoshard.graph.fx_nodes import tensor_value as _val
+
 aten = torch.ops.aten
 
 
@@ -34,11 +36,7 @@ def addmm_as_linear(gm: torch.fx.GraphModule) -> bool:
             wt = gm.graph.call_function(aten.t.default, (w,))
             new = gm.graph.call_function(aten.linear.default, (x, wt, bias))
         wt.meta = {**w.meta, "val": wv.t()}
-        new.meta = dict(result.meta)
-        result.replace_all_uses_with(new)
-        if result is not node:
-            gm.graph.erase_node(result)
-        gm.graph.erase_node(node)
+        _replace(gm, node, result, new)
         changed = True
     return changed
 
@@ -75,11 +73,7 @@ def matmul_as_linear(gm: torch.fx.GraphModule) -> bool:
                 weight = gm.graph.call_function(aten.t.default, (w,))
                 weight.meta = {**w.meta, "val": wv.t()}
             new = gm.graph.call_function(aten.linear.default, (x, weight, bias) if bias is not None else (x, weight))
-        new.meta = dict(result.meta)
-        result.replace_all_uses_with(new)
-        if result is not node:
-            gm.graph.erase_node(result)
-        gm.graph.erase_node(node)
+        _replace(gm, node, result, new)
         if drop is not None and not drop.users:
             gm.graph.erase_node(drop)
         changed = True
@@ -189,9 +183,14 @@ def same_value_casts_dropped(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
-def _val(node):
-    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
+def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, result: torch.fx.Node, new: torch.fx.Node) -> None:
+    """`new` (a linear) takes the place of `result`: the product `node`, or the op after it that
+    the linear absorbed (an unfold view, a bias add); both go."""
+    new.meta = dict(result.meta)
+    result.replace_all_uses_with(new)
+    if result is not node:
+        gm.graph.erase_node(result)
+    gm.graph.erase_node(node)
 
 
 def _is_placeholder(node) -> bool:

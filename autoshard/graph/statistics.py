@@ -14,7 +14,7 @@ import math
 import torch
 from torch import fx
 
-from autoshard.graph.fx_nodes import call
+from autoshard.graph.fx_nodes import call, tensor_value
 
 aten = torch.ops.aten
 _SPREADS = (aten.std.correction, aten.var.correction, aten.std.dim, aten.var.dim)
@@ -27,8 +27,8 @@ def spreads_as_means(gm: fx.GraphModule) -> bool:
         if node.op != "call_function" or node.target not in _SPREADS or len(node.args) < 2:
             continue
         x, dims = node.args[0], node.args[1]
-        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
-        if not isinstance(xv, torch.Tensor) or not isinstance(dims, (list, tuple)) or not dims:
+        xv = tensor_value(x)
+        if xv is None or not isinstance(dims, (list, tuple)) or not dims:
             continue
         n = math.prod(xv.shape[d] for d in dims)
         if node.target in (aten.std.dim, aten.var.dim):  # (x, dim, unbiased=True, keepdim=False)
