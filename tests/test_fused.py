@@ -85,13 +85,20 @@ def test_gpt2_fused_qkv_tp4(ranks4):
 
 
 @pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
-def test_phi3_fused_gate_up_tp2(ranks2, lower):
+def test_phi3_fused_gate_up_and_unequal_qkv_tp2(ranks2, lower):
+    """Phi-3's `gate_up_proj` is chunked in two equal halves; its `qkv_proj` is sliced into q | k | v
+    of 64 | 32 | 32 features (4 query heads, 2 KV heads): each rank holds 32 | 16 | 16 of them."""
     for r in ranks2.run(_shard_family, "phi3", lower):
         _check_exact(r, lower)
-        mlp = "model.layers.0.mlp"
+        mlp, attn = "model.layers.0.mlp", "model.layers.0.self_attn"
         assert r["plan"][f"{mlp}.gate_up_proj.weight"] == "_StridedShard(0, sf=2)"
         assert r["plan"][f"{mlp}.down_proj.weight"] == "Shard(1)"
         assert r["local"][f"{mlp}.gate_up_proj.weight"] == (128, 64)
+        assert r["plan"][f"{attn}.qkv_proj.weight"] == "_StridedShard(0, parts=64|32|32)"
+        assert r["plan"][f"{attn}.o_proj.weight"] == "Shard(1)"
+        assert r["local"][f"{attn}.qkv_proj.weight"] == (64, 64)
+        # 2 layers x (attention, MLP) row reduces and the embedding's: nothing gathers q, k or v
+        assert r["planned"] + r["expected_comms"].get("reduce_scatter", 0) == 5, r
 
 
 def test_moshi_gate_up_read_through_a_view_splits_part_by_part_tp2(ranks2):

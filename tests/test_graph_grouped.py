@@ -61,7 +61,8 @@ def test_moe_labels_pair_experts_column_and_row():
 def test_equal_parts_of_chunk_and_split():
     from torch import fx
 
-    from autoshard.graph.grouped import equal_parts, fused_linear_placement
+    from autoshard.graph.grouped import equal_parts, fused_linear_placement, part_sizes
+    from autoshard.schema.fused_parts import StridedParts
 
     g = fx.Graph()
     x = g.placeholder("x")
@@ -77,7 +78,15 @@ def test_equal_parts_of_chunk_and_split():
     ]
     for op, args, expect in cases:
         assert equal_parts(g.call_function(op, args)) == expect, (op, args)
+    # part_sizes: the widths of every cut into parts, equal or not
+    assert part_sizes(g.call_function(aten.split_with_sizes.default, (x, [8, 2, 2], -1))) == ((8, 2, 2), 2)
+    assert part_sizes(g.call_function(aten.chunk.default, (x, 3, -1))) == ((4, 4, 4), 2)
+    assert part_sizes(g.call_function(aten.split_with_sizes.default, (x, [1, 2], 1))) == ((1, 2), 1)
+    assert part_sizes(g.call_function(aten.split_with_sizes.default, (x, [8, 2], -1))) is None  # not the whole width
     R = Replicate()
+    parts = StridedParts(0, (8, 2, 2))
+    assert fused_linear_placement(R, parts, 3) == StridedParts(2, (8, 2, 2))
+    assert fused_linear_placement(R, parts, 3) != _StridedShard(2, split_factor=3)  # the widths are kept
     assert fused_linear_placement(R, _StridedShard(0, split_factor=3), 3) == _StridedShard(2, split_factor=3)
     assert fused_linear_placement(Shard(2), _StridedShard(0, split_factor=3), 3) is None
     assert fused_linear_placement(R, Shard(0), 3) is None  # a plain column linear: DTensor's own rule

@@ -232,6 +232,35 @@ def test_view_read_part_by_part_becomes_a_chunk_with_equal_values_and_gradients(
     _assert_same_values_and_input_grads(ep, model, x)
 
 
+class SlicedQKV(nn.Module):
+    """Phi-3's attention input: `qkv_proj(x)` sliced into q | k | v of 8 | 4 | 4 features (and,
+    with `overlap`, a fourth slice reading features twice, which is no cut into parts)."""
+
+    def __init__(self, overlap: bool = False):
+        super().__init__()
+        self.qkv_proj, self.overlap = nn.Linear(8, 16), overlap
+
+    def forward(self, x):
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv[..., :8], qkv[..., 8:12], qkv[..., 12:]
+        out = q * torch.cat([k, v], -1)
+        return out + qkv[..., 4:12] if self.overlap else out
+
+
+def test_slices_tiling_a_linear_output_become_split_with_sizes_with_equal_values_and_gradients():
+    x = torch.randn(2, 3, 8)
+    model = SlicedQKV()
+    ep = _exported(model, (x,))
+    assert simplify.slices_as_split(ep.graph_module)
+    ep.graph_module.recompile()
+    splits = [n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    assert [s.args[1:] for s in splits] == [([8, 4, 4], 2)]
+    assert not any(n.target is torch.ops.aten.slice.Tensor for n in ep.graph_module.graph.nodes)
+    _assert_same_values_and_input_grads(ep, model, x)
+    overlapping = _exported(SlicedQKV(overlap=True), (x,))
+    assert not simplify.slices_as_split(overlapping.graph_module)
+
+
 class ChannelsFirstParts(nn.Module):
     """LFM2's short conv input: `in_proj(x).transpose(-1, -2).chunk(3, dim=-2)`."""
 

@@ -31,7 +31,9 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
             placement = c.placements[w.fqn]
             why = "column-parallel LM head, logits vocab-sharded" if c.kind == "column_output" else "column-parallel: output features split over tp"
             if isinstance(placement, _StridedShard):
-                why += f" in each of its {placement.split_factor} fused parts (the output is chunked in {placement.split_factor})"
+                widths = " | ".join(map(str, getattr(placement, "sizes", ())))
+                why += (f" in each of its {placement.split_factor} fused parts (the output is cut into "
+                        + (f"parts of {widths} features)" if widths else f"{placement.split_factor} equal parts)"))
             if w.out_dim != 0:
                 why += _stored(analysis, node, w.out_dim)
             _set(params, reasons, w.fqn, placement, why, name)

@@ -20,6 +20,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from autoshard.cost.activation import SavedActivations
 from autoshard.graph.analyse import GraphAnalysis
+from autoshard.schema.fused_parts import parts_of
 from autoshard.schema.placements import splits
 from autoshard.schema.units import chunk_block, split_len
 
@@ -55,7 +56,7 @@ def local_fraction(spec, shape: tuple[int, ...] | None = None) -> float:
         if splits(p) and shape:
             size = shape[p.dim % len(shape)]
             if size:
-                frac *= split_len(size, n, 0, getattr(p, "split_factor", 1)) / size
+                frac *= split_len(size, n, 0, parts_of(p)) / size
     return frac
 
 

@@ -25,9 +25,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from autoshard.schema.errors import PlanError
+from autoshard.schema.fused_parts import shard_tensor
 
 Init = Callable[[nn.Module], None]
 
@@ -94,8 +95,8 @@ def _keep_shard(value: torch.Tensor, target: torch.Tensor) -> None:
     """This rank's shard of `value` into `target` (no communication: every rank holds `value`)."""
     with torch.no_grad():
         if isinstance(target, DTensor):
-            local = distribute_tensor(value.detach().to(target.device_mesh.device_type), target.device_mesh,
-                                      target.placements, src_data_rank=None).to_local()
+            local = shard_tensor(value.detach().to(target.device_mesh.device_type), target.device_mesh,
+                                 target.placements, src_data_rank=None).to_local()
             target.to_local().copy_(local)
         else:
             target.copy_(value)

@@ -22,6 +22,7 @@ from autoshard.execute.materialize import recompute_buffers
 from autoshard.distributed.strided_checkpoint import describe_blocks_hook
 from autoshard.graph.capture import Captured
 from autoshard.execute.rewrite import written_buffers
+from autoshard.schema.fused_parts import shard_tensor
 from autoshard.schema.plan import Plan, planned_placement
 from autoshard.schema.units import pack_buckets
 
@@ -49,7 +50,7 @@ def distribute_parameters(
             # a Replicate() DTensor broadcasts into, and then shares storage with, its source:
             # copy it, so training the sharded module never writes into the user's model
             source = p.detach().clone() if placement.is_replicate() else p.detach()
-            dt = distribute_tensor(source, mesh, [placement])
+            dt = shard_tensor(source, mesh, [placement])
             made[id(p)] = nn.Parameter(dt, requires_grad=p.requires_grad)
         sharded.adopt(fqn, made[id(p)])
     persistent = {s.target: s.persistent for s in captured.program.graph_signature.input_specs if s.kind.name == "BUFFER"}

@@ -249,23 +249,30 @@ class LocalLinear(RuntimeOp):
 
 
 class LocalChunk(RuntimeOp):
-    """The k equal parts (`chunk`, or `split` in equal sizes) of a fused output laid out
-    `_StridedShard(dim, sf=k)`: each rank's slice holds its share of every part in order, so its
-    local chunks are the parts' `Shard(dim)`."""
+    """The parts (`chunk`, `split`, `split_with_sizes`) of a fused output laid out
+    `_StridedShard(dim, sf=k)` or `StridedParts(dim, widths)`: each rank's slice holds its share
+    of every part in order, so its local pieces are the parts' `Shard(dim)`."""
 
-    def __init__(self, parts: int, dim: int):
+    def __init__(self, sizes: tuple[int, ...], dim: int):
         super().__init__()
-        self.parts, self.dim = parts, dim
+        self.sizes, self.dim = tuple(sizes), dim
 
     def forward(self, x, *_how):
-        shape = list(x.shape)
-        shape[self.dim] //= self.parts
-        pieces = x.to_local(grad_placements=x.placements).chunk(self.parts, self.dim)
-        return tuple(DTensor.from_local(piece, x.device_mesh, (Shard(self.dim),), run_check=False, shape=torch.Size(shape),
-                                        stride=make_contiguous_strides_for(shape)) for piece in pieces)
+        tp = x.device_mesh.size()
+        local = x.to_local(grad_placements=x.placements).split(self.local_sizes(tp), self.dim)
+        out = []
+        for piece, width in zip(local, self.sizes):
+            shape = list(x.shape)
+            shape[self.dim] = width
+            out.append(DTensor.from_local(piece, x.device_mesh, (Shard(self.dim),), run_check=False, shape=torch.Size(shape),
+                                          stride=make_contiguous_strides_for(shape)))
+        return tuple(out)
+
+    def local_sizes(self, tp: int) -> list[int]:
+        return [w // tp for w in self.sizes]
 
     def extra_repr(self) -> str:
-        return f"parts={self.parts}, dim={self.dim}"
+        return f"sizes={self.sizes}, dim={self.dim}"
 
 
 class LocalStridedSlice(RuntimeOp):

@@ -305,7 +305,7 @@ class _Lowering:
         elif isinstance(mod, runtime.LocalLinear):
             self._replace(node, aten.linear.default, node.args)
         elif isinstance(mod, runtime.LocalChunk):
-            self._replace(node, aten.chunk.default, (node.args[0], mod.parts, mod.dim))
+            self._replace(node, aten.split_with_sizes.default, (node.args[0], mod.local_sizes(self.tp), mod.dim))
         elif isinstance(mod, runtime.VocabParallelLoss):
             self._rewrite_loss(node, mod)
 

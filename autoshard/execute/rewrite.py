@@ -30,7 +30,7 @@ from autoshard.graph.analyse import ATTENTION_OPS, ASSERT_OPS, is_grouped_mm
 from autoshard.graph.capture import Captured, retarget_devices
 from autoshard.graph.experts import ExpertBlock, find_expert_blocks
 from autoshard.execute.expert_parallel import ExpertParallelBlock, block_module
-from autoshard.graph.grouped import equal_parts, fused_chunk, interleaved_part
+from autoshard.graph.grouped import fused_chunk, interleaved_part, part_sizes
 from autoshard.graph.simulate import Simulation
 from autoshard.graph.state_writes import LOCAL_WRITES, written_placeholder
 from autoshard.schema.plan import Plan, parse_placement
@@ -226,7 +226,7 @@ def _local_experts(g: _Editing, sim: Simulation) -> None:
         elif node.target is aten.linear.default and isinstance(_placement(sim, node.args[1]), _StridedShard):
             local.append((node, LocalLinear(), "fused_linear"))
         elif node.args and fused_chunk(node, _spec(sim, node.args[0])):
-            local.append((node, LocalChunk(*equal_parts(node)), "fused_parts"))
+            local.append((node, LocalChunk(*part_sizes(node)), "fused_parts"))
         elif node.args and (d := interleaved_part(node, _spec(sim, node.args[0]), g.mesh.size())) is not None:
             local.append((node, LocalStridedSlice(d, node.args[2], node.args[4]), "interleaved_part"))
     for node, mod, prefix in local:

@@ -16,6 +16,8 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
+from autoshard.schema.fused_parts import StridedParts, divides, moved
+
 aten = torch.ops.aten
 REPLICATE = Replicate()
 _PART_OPS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
@@ -26,7 +28,7 @@ def grouped_mm_placement(x: Placement, w: Placement) -> Placement | None:
     if x.is_replicate() and w.is_replicate():
         return REPLICATE
     if x.is_replicate() and isinstance(w, _StridedShard) and w.dim == 2:
-        return _StridedShard(1, split_factor=w.split_factor)
+        return moved(w, 1)
     if x.is_replicate() and w == Shard(2):
         return Shard(1)
     if x == Shard(1) and w == Shard(1):
@@ -58,14 +60,33 @@ def equal_parts(node: fx.Node) -> tuple[int, int] | None:
     return (k, dim) if isinstance(k, int) and k > 1 and width % k == 0 else None
 
 
+def part_sizes(node: fx.Node) -> tuple[tuple[int, ...], int] | None:
+    """(widths, dim) when `node` cuts its input into parts on `dim`: the equal parts of
+    `equal_parts`, or `split_with_sizes` into widths that differ (q | k | v with fewer KV heads)."""
+    parts = equal_parts(node)
+    if parts is not None:
+        k, dim = parts
+        return (node.args[0].meta["val"].shape[dim] // k,) * k, dim
+    if node.op != "call_function" or node.target is not aten.split_with_sizes.default or not isinstance(node.args[0], fx.Node):
+        return None
+    val, sizes = node.args[0].meta.get("val"), node.args[1]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if not isinstance(val, torch.Tensor) or not isinstance(dim, int) or not all(isinstance(s, int) and s > 0 for s in sizes):
+        return None
+    dim %= val.ndim
+    return (tuple(sizes), dim) if len(sizes) > 1 and sum(sizes) == val.shape[dim] else None
+
 
 def fused_chunk(node: fx.Node, spec) -> bool:
-    """Equal parts (`equal_parts`) of a value laid out `_StridedShard(dim, sf=k)`, cut in k on
-    that dim: k local parts, each `Shard(dim)`, no communication."""
+    """The parts of a value laid out `_StridedShard(dim, sf=k)` (k equal parts, `equal_parts`) or
+    `StridedParts(dim, widths)` (`part_sizes`), cut into those parts on that dim: each rank's
+    local pieces are the parts' `Shard(dim)`, no communication."""
     if not (isinstance(spec, DTensorSpec) and isinstance(spec.placements[0], _StridedShard)):
         return False
-    parts = equal_parts(node)
     p, ndim = spec.placements[0], len(spec.tensor_meta.shape)
+    if isinstance(p, StridedParts):
+        return part_sizes(node) == (p.sizes, p.dim % ndim)
+    parts = equal_parts(node)
     return parts is not None and parts == (p.split_factor, p.dim % ndim)
 
 
@@ -85,11 +106,20 @@ def interleaved_part(node: fx.Node, spec, tp: int) -> int | None:
     return d if width % (tp * step) == 0 else None
 
 
+def only_local_rules_read_parts(operands: dict) -> None:
+    """Raise for an op (other than the fused rules here) reading a `StridedParts` value: DTensor's
+    own rules would rebuild its layout as equal parts. The simulator then runs the op whole, its
+    operand gathered by `StridedParts`' own gather."""
+    for name, spec in operands.items():
+        if isinstance(spec, DTensorSpec) and isinstance(spec.placements[0], StridedParts):
+            raise NotImplementedError(f"{name} is laid out {spec.placements[0]}: only its parts or a local linear read it sharded")
+
+
 def fused_linear_placement(x: Placement, w: Placement, out_ndim: int) -> Placement | None:
     """`linear(x, w)` with a fused weight `_StridedShard(0, sf=k)` (k parts split part by part) and
     a whole input: the output's features laid out the same way, or None if it cannot be."""
     if x.is_replicate() and isinstance(w, _StridedShard) and w.dim == 0:
-        return _StridedShard(out_ndim - 1, split_factor=w.split_factor)
+        return moved(w, out_ndim - 1)
     return None
 
 
@@ -124,8 +154,8 @@ def fused_linear_spec(simulator, node: fx.Node, sim, operands: tuple, names: lis
     x, w, b = operands
     val = node.meta["val"]
     out = fused_linear_placement(x.placements[0], w.placements[0], val.ndim)
-    width, parts = w.tensor_meta.shape[0], w.placements[0].split_factor
-    if out is None or width % (simulator.mesh.size() * parts) or isinstance(b, DTensorSpec) and b.placements != w.placements:
+    width = w.tensor_meta.shape[0]
+    if out is None or not divides(w.placements[0], width, simulator.mesh.size()) or isinstance(b, DTensorSpec) and b.placements != w.placements:
         for i, spec in enumerate(operands):
             if isinstance(spec, DTensorSpec) and spec.placements != (REPLICATE,):
                 simulator._move(sim, spec, (REPLICATE,), names[i] or node.name, node.name, planned=False)

@@ -26,9 +26,10 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ASSERT_OPS, GraphAnalysis, Role
-from autoshard.graph.grouped import equal_parts
+from autoshard.graph.grouped import part_sizes
 from autoshard.graph.experts import ExpertBlock, analysis_expert_blocks
 from autoshard.graph.simulate import PlacementSimulator, Simulation
+from autoshard.schema.fused_parts import StridedParts
 from autoshard.schema.units import chunk_block
 
 REPLICATE = Replicate()
@@ -142,7 +143,7 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
     params = {}
     for lin in group:
         w, bias = analysis.weight(lin), analysis.bias_of(lin)
-        packed = packed_factor(lin)
+        packed = packed_parts(lin, direct=not analysis.weight_views(lin))
         params[w.fqn] = _column(w.out_dim, packed)
         if bias:
             params[bias] = _column(0, packed)
@@ -244,27 +245,33 @@ def _reads_outside_activation(analysis: GraphAnalysis, start: fx.Node, region: s
     return False
 
 
-def _column(dim: int, packed: int) -> Placement:
-    """A column weight's placement: its output features split, each of `packed` equal parts
-    (gate | up, fused in one weight) split on its own so every rank holds a slice of each."""
-    return _StridedShard(dim, split_factor=packed) if packed > 1 else Shard(dim)
+def _column(dim: int, packed: tuple[int, ...]) -> Placement:
+    """A column weight's placement: its output features split, each of its `packed` parts (gate |
+    up or q | k | v, fused in one weight) split on its own so every rank holds a slice of each."""
+    if len(packed) < 2:
+        return Shard(dim)
+    if len(set(packed)) == 1:
+        return _StridedShard(dim, split_factor=len(packed))
+    return StridedParts(dim, packed)
 
 
 _SAME_VALUE_OPS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}
 
 
-def packed_factor(linear: fx.Node) -> int:
-    """k when the linear's output is only ever cut into k equal parts on the feature dim (a fused
-    gate|up or q|k|v projection read part by part: `chunk`, or `split` in equal sizes), else 1."""
+def packed_parts(linear: fx.Node, direct: bool = True) -> tuple[int, ...]:
+    """The part widths when the linear's output is only ever cut into parts on the feature dim (a
+    fused gate|up or q|k|v projection read part by part: `chunk`, `split`, `split_with_sizes`),
+    else (). Unequal parts only of a weight used as stored (`direct`): DTensor's own transpose
+    rule would rebuild their layout as equal parts."""
     node = linear
     while len(node.users) == 1 and next(iter(node.users)).target in _SAME_VALUE_OPS:
         node = next(iter(node.users))
     ndim = node.meta["val"].ndim
     users = [u for u in node.users if u.target not in ASSERT_OPS]
-    parts = equal_parts(users[0]) if len(users) == 1 else None
-    if parts is not None and parts[1] == ndim - 1:
-        return parts[0]
-    return 1
+    parts = part_sizes(users[0]) if len(users) == 1 else None
+    if parts is None or parts[1] != ndim - 1 or not direct and len(set(parts[0])) > 1:
+        return ()
+    return parts[0]
 
 
 def _why(c: Candidate, _sim: Simulation) -> str:

@@ -1,5 +1,6 @@
 """Ops rewritten into the forms the labeling pass reads: products with a model weight as
-`linear`, a fused projection's parts as a `chunk` of its last dim. Each keeps every value."""
+`linear`, a fused projection's parts as a `chunk` or `split_with_sizes` of its last dim. Each
+keeps every value."""
 
 from __future__ import annotations
 
@@ -108,6 +109,50 @@ def view_parts_as_chunk(gm: torch.fx.GraphModule) -> bool:
         gm.graph.erase_node(node)
         changed = True
     return changed
+
+
+def slices_as_split(gm: torch.fx.GraphModule) -> bool:
+    """A linear's output read only as slices of its last dim that tile it (Phi-3's
+    `qkv[..., :q]`, `qkv[..., q:q + kv]`, `qkv[..., q + kv:]`) as `split_with_sizes`: the same
+    parts, in the form a fused projection's part-by-part split is recognised by."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default or len(node.users) < 2:
+            continue
+        val = _val(node)
+        width = val.shape[-1] if val is not None else None
+        cuts = [(_slice_span(u, val.ndim, width), u) for u in node.users] if isinstance(width, int) else [(None, None)]
+        if any(span is None for span, _ in cuts):
+            continue
+        cuts.sort(key=lambda c: c[0])
+        spans = [span for span, _ in cuts]
+        if spans[0][0] != 0 or spans[-1][1] != width or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+            continue
+        sizes = [b - a for a, b in spans]
+        with gm.graph.inserting_before(cuts[0][1]):
+            split = gm.graph.call_function(aten.split_with_sizes.default, (node, sizes, val.ndim - 1))
+            parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(sizes))]
+        split.meta["val"] = val.split(sizes, -1)
+        for part, (_, user) in zip(parts, cuts):
+            part.meta = dict(user.meta)
+            user.replace_all_uses_with(part)
+            gm.graph.erase_node(user)
+        changed = True
+    return changed
+
+
+def _slice_span(node: torch.fx.Node, ndim: int, width: int) -> tuple[int, int] | None:
+    """(start, end) of `x[..., start:end]` (step 1, static bounds) on the last of `ndim` dims, else None."""
+    if node.op != "call_function" or node.target is not aten.slice.Tensor or node.kwargs:
+        return None
+    given = list(node.args[1:])
+    dim, start, end, step = given + [0, None, None, 1][len(given):]
+    start = 0 if start is None else start
+    end = width if end is None else end
+    if not all(isinstance(v, int) for v in (dim, start, end, step)) or step != 1 or dim % ndim != ndim - 1:
+        return None
+    start, end = max(0, start + width if start < 0 else start), min(width, end + width if end < 0 else end)
+    return (start, end) if start < end else None
 
 
 def chunk_before_transpose(gm: torch.fx.GraphModule) -> bool:

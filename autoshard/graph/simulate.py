@@ -38,7 +38,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
 from autoshard.graph.experts import expert_block_spec, plan_expert_blocks
-from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part
+from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part, only_local_rules_read_parts
 from autoshard.graph.state_writes import state_write_spec, written_placeholder
 from autoshard.schema.plan import Plan, placement_str
 
@@ -255,6 +255,7 @@ class PlacementSimulator:
     def _propagate(self, node, sim, operands):
         args, kwargs = self._args(node, operands)
         try:
+            only_local_rules_read_parts(operands)
             out = self.prop.propagate_op_sharding(self._schema(node.target, args, kwargs))
         except Exception as e:  # noqa: BLE001 - an op DTensor cannot shard: it would run replicated
             sim.unsupported[node.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoshard.schema.fused_parts import parts_of
 from autoshard.schema.placements import is_split
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import split_len
@@ -28,7 +29,7 @@ def local_numel(shape: list[int], placement: str, tp: int, rank: int) -> int:
     dim = p.dim % len(shape)
     if shape[dim] == 0:
         return 0
-    return numel // shape[dim] * split_len(shape[dim], tp, rank, getattr(p, "split_factor", 1))
+    return numel // shape[dim] * split_len(shape[dim], tp, rank, parts_of(p))
 
 
 def itemsize(dtype: str) -> int:

@@ -8,12 +8,15 @@ import re
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
+from autoshard.schema.fused_parts import StridedParts
 from autoshard.schema.errors import PlanError
 
 _PLACEMENT = re.compile(r"^(Shard)\((-?\d+)\)$|^(Replicate)\(\)$|^(Partial)\((avg)?\)$")
 
 
 def placement_str(p: Placement) -> str:
+    if isinstance(p, StridedParts):
+        return f"_StridedShard({p.dim}, parts={'|'.join(map(str, p.sizes))})"
     if isinstance(p, _StridedShard):
         return f"_StridedShard({p.dim}, sf={p.split_factor})"
     if isinstance(p, Shard):
@@ -24,9 +27,13 @@ def placement_str(p: Placement) -> str:
 
 
 _STRIDED = re.compile(r"^_StridedShard\((-?\d+), sf=(\d+)\)$")
+_PARTS = re.compile(r"^_StridedShard\((\d+), parts=(\d+(?:\|\d+)+)\)$")
 
 
 def parse_placement(text: str) -> Placement:
+    parts = _PARTS.match(text.strip())
+    if parts:  # a fused weight of unequal parts (q | k | v with fewer KV heads), each split over the mesh
+        return StridedParts(int(parts.group(1)), tuple(int(s) for s in parts.group(2).split("|")))
     strided = _STRIDED.match(text.strip())
     if strided:  # DTensor's layout for a fused weight: each of sf equal parts split over the mesh
         return _StridedShard(int(strided.group(1)), split_factor=int(strided.group(2)))

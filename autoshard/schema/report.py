@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from autoshard.schema.fused_parts import parts_of
 from autoshard.schema.placements import is_split, parse_placement
 from autoshard.schema.units import format_bytes as _bytes, split_len
 
@@ -127,7 +128,7 @@ def _param_cost(plan: Plan, p) -> str:
     if is_split(p.placement) and shape:
         placement = parse_placement(p.placement)
         dim = placement.dim % len(shape)
-        shape[dim] = split_len(shape[dim], tp, 0, getattr(placement, "split_factor", 1))
+        shape[dim] = split_len(shape[dim], tp, 0, parts_of(placement))
     numel = math.prod(shape)
     size = torch.empty((), dtype=getattr(torch, p.dtype)).element_size()
     text = f"{_bytes(numel * size)} parameter + {_bytes(numel * size)} gradient + {_bytes(numel * 8)} Adam state per rank"

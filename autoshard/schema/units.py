@@ -33,9 +33,12 @@ def chunk_len(n, parts: int, index: int):
     return max(0, min(block, n - index * block))
 
 
-def split_len(n, ranks: int, index: int, parts: int = 1):
+def split_len(n, ranks: int, index: int, parts: int | tuple[int, ...] = 1):
     """How many of `n` elements rank `index` holds when each of `parts` equal parts (a fused
-    weight's gate | up, DTensor's `_StridedShard(sf=parts)`) is split like torch.chunk."""
+    weight's gate | up, DTensor's `_StridedShard(sf=parts)`), or each part of the given widths
+    (`StridedParts`), is split like torch.chunk."""
+    if isinstance(parts, tuple):
+        return sum(chunk_len(w, ranks, index) for w in parts)
     return parts * chunk_len(n // parts, ranks, index)
 
 
