@@ -45,6 +45,7 @@ def _shard_family(model_type: str, lower: bool, stats: bool = False) -> dict:
         res["forward_comms"], _ = comm_counts(lambda: sharded(**kw))
     planned = collections.Counter(b.collective for b in sharded.plan.boundaries if b.collective and b.kind == "redistribute")
     res["planned"] = planned["all_reduce"]
+    res["boundaries"] = [b.reason for b in sharded.plan.boundaries]
     res["expected_comms"] = dict(planned + collections.Counter({"all_reduce": 2}))  # the vocab-parallel loss's two
     if stats:
         res["stats"] = [(b.bytes, b.collective) for b in sharded.plan.boundaries if "statistic" in b.reason]
@@ -99,6 +100,35 @@ def test_phi3_fused_gate_up_and_unequal_qkv_tp2(ranks2, lower):
         assert r["local"][f"{attn}.qkv_proj.weight"] == (64, 64)
         # 2 layers x (attention, MLP) row reduces and the embedding's: nothing gathers q, k or v
         assert r["planned"] + r["expected_comms"].get("reduce_scatter", 0) == 5, r
+
+
+def _fused_gathers(r: dict) -> int:
+    return sum(1 for b in r["boundaries"] if "gathered whole" in b)
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_gpt_bigcode_multi_query_c_attn_gathers_its_one_kv_head_tp2(ranks2, lower):
+    """GPT-BigCode's MQA `c_attn` is q | k | v of 64 | 16 | 16 (one KV head): q splits by heads, the
+    K and V parts are split for storage and gathered whole inside the region (vLLM's and
+    Megatron's KV replication), so `c_attn` holds 1/tp of its rows and `c_proj` splits with it."""
+    for r in ranks2.run(_shard_family, "gpt_bigcode", lower):
+        _check_exact(r, lower)
+        attn = "transformer.h.0.attn"
+        assert r["plan"][f"{attn}.c_attn.weight"] == "_StridedShard(0, parts=64|16|16)"
+        assert r["plan"][f"{attn}.c_attn.bias"] == "_StridedShard(0, parts=64|16|16)"
+        assert r["plan"][f"{attn}.c_proj.weight"] == "Shard(1)"
+        assert r["local"][f"{attn}.c_attn.weight"] == (48, 64)
+        assert _fused_gathers(r) == 4 and r["expected_comms"]["all_gather"] >= 4, r  # K and V of 2 layers
+
+
+@pytest.mark.slow  # tp 2 covers the gather on every CI run
+def test_phi3_qkv_with_fewer_kv_heads_than_tp_gathers_k_and_v_tp4(ranks4):
+    for r in ranks4.run(_shard_family, "phi3", True):
+        _check_exact(r, True)
+        attn = "model.layers.0.self_attn"
+        assert r["plan"][f"{attn}.qkv_proj.weight"] == "_StridedShard(0, parts=64|32|32)"
+        assert r["local"][f"{attn}.qkv_proj.weight"] == (32, 64)
+        assert _fused_gathers(r) == 4, r
 
 
 def test_moshi_gate_up_read_through_a_view_splits_part_by_part_tp2(ranks2):

@@ -261,6 +261,29 @@ def test_slices_tiling_a_linear_output_become_split_with_sizes_with_equal_values
     assert not simplify.slices_as_split(overlapping.graph_module)
 
 
+class UnsqueezedMQA(nn.Module):
+    """GPT-BigCode's multi-query input: `c_attn(x).unsqueeze(1).split((8, 4, 4), dim=3)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn = nn.Linear(8, 16)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).unsqueeze(1).split((8, 4, 4), dim=3)
+        return q * torch.cat([k, v], -1)
+
+
+def test_parts_of_an_unsqueezed_projection_are_cut_before_the_unsqueeze_with_equal_values_and_gradients():
+    x = torch.randn(2, 3, 8)
+    model = UnsqueezedMQA()
+    ep = _exported(model, (x,))
+    assert simplify.parts_before_unsqueeze(ep.graph_module)
+    ep.graph_module.recompile()
+    cut = [n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    assert len(cut) == 1 and cut[0].args[0].target is torch.ops.aten.linear.default and cut[0].args[2] == 2
+    _assert_same_values_and_input_grads(ep, model, x)
+
+
 class ChannelsFirstParts(nn.Module):
     """LFM2's short conv input: `in_proj(x).transpose(-1, -2).chunk(3, dim=-2)`."""
 

@@ -45,8 +45,10 @@ def _entry_node(analysis: GraphAnalysis, name: str, layout: str) -> str:
 
 def _exits(c: Candidate) -> list[str]:
     """Where a sharded region's partial sums are reduced: its row linears (or lookup), and the
-    statistics it reduces inside (a norm over the sharded width)."""
-    return c.row_nodes + c.reduces if c.kind == "column_row" else c.column_nodes if c.kind == "embedding" else c.reduces
+    statistics it reduces and the fused parts it gathers inside (a norm over the sharded width; the
+    K/V of a fused qkv with too few heads)."""
+    inside = c.reduces + c.gathers
+    return c.row_nodes + inside if c.kind == "column_row" else c.column_nodes if c.kind == "embedding" else inside
 
 
 def entries(analysis, c: Candidate, layout: str) -> list[str]:
@@ -73,7 +75,7 @@ def region_boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked:
                 for n in c.column_nodes:
                     out[n] = REPLICATE  # logits gathered before the (replicated) loss
             if opt.sharded:
-                out.update(dict.fromkeys(c.reduces, REPLICATE))
+                out.update(dict.fromkeys(c.reduces + c.gathers, REPLICATE))
             continue
         if not opt.sharded:
             continue
@@ -85,7 +87,7 @@ def region_boundaries(analysis: GraphAnalysis, regions: list[Candidate], picked:
             out[b.block_out] = Shard(s) if s is not None else REPLICATE
             continue
         for e in _exits(c):
-            d = seq_dim(analysis, e) if layout == SP_STREAM and e not in c.reduces else None
+            d = seq_dim(analysis, e) if layout == SP_STREAM and e not in c.reduces + c.gathers else None
             out[e] = Shard(d) if d is not None else REPLICATE
         if c.kind != "embedding":
             for x in c.inputs:
@@ -121,6 +123,8 @@ def boundary_plans(analysis: GraphAnalysis, sim: Simulation, regions: list[Candi
             roles[e] = f"leave {name}: reduce the row linear's partial sums"
         for e in c.reduces:
             roles[e] = f"inside {name}: a norm over the sharded width, its statistic (one value per token) averaged across tp"
+        for e in c.gathers:
+            roles[e] = f"inside {name}: a part of the fused projection whose heads tp cannot split, gathered whole (K/V replicated)"
         if c.kind == "embedding":
             roles[c.column_nodes[0]] = "vocab-parallel lookup: sum the masked partial rows"
         if picked[id(c)].name in ("gather", "column_gather"):

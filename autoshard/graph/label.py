@@ -16,6 +16,7 @@ Embedding tables are vocab-parallel (`Shard(0)`, masked partial output) when the
 from __future__ import annotations
 
 import heapq
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -26,7 +27,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ASSERT_OPS, GraphAnalysis, Role
-from autoshard.graph.grouped import part_sizes
+from autoshard.graph.grouped import fused_chunk, part_sizes
 from autoshard.graph.experts import ExpertBlock, analysis_expert_blocks
 from autoshard.graph.simulate import PlacementSimulator, Simulation
 from autoshard.schema.fused_parts import StridedParts
@@ -47,6 +48,7 @@ class Candidate:
     outputs: list[str] = field(default_factory=list)  # interior nodes returned by the graph
     loss_nodes: list[str] = field(default_factory=list)
     reduces: list[str] = field(default_factory=list)  # interior statistics (one per token) all-reduced
+    gathers: list[str] = field(default_factory=list)  # fused parts made whole inside (K/V of a fused qkv, too few heads)
     failed_at: str | None = None       # the node that would need communication (an illegal candidate)
     legal: bool = True
     reason: str = ""
@@ -92,9 +94,9 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
         singles = [c for c in candidates if c.legal and set(c.column_nodes) <= {n.name for n in group}]
         if singles:  # some linears shard alone (Gemma3n's up_proj): only the whole group with a statistic replaces them
             whole = _grow(analysis, simulator, order, group, stats=True)
-            found = [whole] if whole.legal and whole.reduces else []
+            found = [whole] if whole.legal and (whole.reduces or whole.gathers) else []
         else:
-            found = [c for c in _label_group(analysis, simulator, order, group, stats=True) if c.legal and c.reduces]
+            found = [c for c in _label_group(analysis, simulator, order, group, stats=True) if c.legal and (c.reduces or c.gathers)]
         found = [c for c in found if not set(c.row_nodes) & starts]
         if found and singles:
             for c in singles:
@@ -138,7 +140,11 @@ def _label_group(analysis, simulator, order, group: list[fx.Node], stats: bool) 
     return [tried] + singles
 
 
-def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int], group: list[fx.Node], stats: bool = False) -> Candidate:
+def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int], group: list[fx.Node], stats: bool = False,
+          gathered: frozenset[str] = frozenset()) -> Candidate:
+    """Grow a column group's region; with `stats`, a norm's statistic over the sharded width is
+    reduced inside it and a fused part whose heads tp cannot split (the K/V of a fused qkv) is
+    gathered where it is cut off (`gathered`, found by growing again)."""
     cand = Candidate(kind="column_row", column_nodes=[n.name for n in group], inputs=sorted({n.args[0].name for n in group}))
     params = {}
     for lin in group:
@@ -171,10 +177,18 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
                 region.add(view.name)
                 sim.step(result, view, params, nodes=region)
         before = len(result.redistributions)
-        spec = sim.step(result, node, params, nodes=region)
-        if result.unsupported.get(name):
-            return _illegal(cand, f"{name} ({node.target}): {result.unsupported[name]}")
+        spec = sim.step(result, node, params, boundaries={name: REPLICATE} if name in gathered else None, nodes=region)
+        if name in gathered:
+            cand.gathers.append(name)
+            before = len(result.redistributions)
         moved = [r for r in result.redistributions[before:] if r.collective]
+        failed = result.unsupported.get(name)
+        culprit = moved[0].source if moved else node.args[0].name if failed and node.args and isinstance(node.args[0], fx.Node) else None
+        part = _fused_part_behind(analysis, result, culprit, region) if culprit and stats else None
+        if part is not None and part not in gathered:
+            return _grow(analysis, sim, order, group, stats, gathered | {part})
+        if failed:
+            return _illegal(cand, f"{name} ({node.target}): {failed}")
         if moved:
             r = moved[0]
             cand.failed_at = name
@@ -205,6 +219,25 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
             return _illegal(cand, "the sharded features never reach a row linear, a loss or an output")
     cand.reason = _why(cand, result)
     return cand
+
+
+_SHAPE_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+              torch.ops.aten.unsqueeze.default, torch.ops.aten.expand.default, torch.ops.aten.slice.Tensor,
+              torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
+
+
+def _fused_part_behind(analysis: GraphAnalysis, sim: Simulation, name: str, region: set[str]) -> str | None:
+    """The part of a fused output (a piece of a cut laid out part by part) that `name` is, or is
+    reshaped from inside the region, else None: the value to gather when its heads cannot split."""
+    node = analysis.nodes.get(name)
+    while node is not None and node.name in region:
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].args:
+            cut = node.args[0]
+            return node.name if fused_chunk(cut, sim.specs.get(cut.args[0].name)) else None
+        if node.target not in _SHAPE_OPS or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
 
 
 def _per_token_statistic(analysis: GraphAnalysis, node: fx.Node, sim: Simulation, tp: int, region: set[str], columns: set[str]) -> bool:

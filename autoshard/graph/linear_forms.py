@@ -187,6 +187,42 @@ def chunk_before_transpose(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
+_CUTS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def parts_before_unsqueeze(gm: torch.fx.GraphModule) -> bool:
+    """`h.unsqueeze(d).split(sizes, dim)` (GPT-BigCode's multi-query `c_attn`: q | k | v cut after
+    an unsqueeze) as `[p.unsqueeze(d) for p in h.split(sizes, dim')]`: the same parts, cut where
+    the projection's fused features are the last dim."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _CUTS or len(node.args) < 3 or not isinstance(node.args[2], int):
+            continue
+        u = node.args[0]
+        if not (isinstance(u, torch.fx.Node) and u.target is aten.unsqueeze.default and len(u.users) == 1 and _val(u) is not None):
+            continue
+        nd = _val(u).ndim
+        d, dim = u.args[1] % nd, node.args[2] % nd
+        if d == dim or any(user.target is not operator.getitem for user in node.users):
+            continue
+        h, inner = u.args[0], dim if dim < d else dim - 1
+        with gm.graph.inserting_before(node):
+            cut = gm.graph.call_function(node.target, (h, node.args[1], inner))
+        cut.meta["val"] = node.target(_val(h), node.args[1], inner)
+        for user in list(node.users):
+            with gm.graph.inserting_before(user):
+                part = gm.graph.call_function(operator.getitem, (cut, user.args[1]))
+                lifted = gm.graph.call_function(aten.unsqueeze.default, (part, d))
+            part.meta["val"] = cut.meta["val"][user.args[1]]
+            lifted.meta = dict(user.meta)
+            user.replace_all_uses_with(lifted)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(u)
+        changed = True
+    return changed
+
+
 def contiguous_linear_inputs(gm: torch.fx.GraphModule) -> bool:
     """A linear of a non-contiguous N-d input (RecurrentGemma's and Mamba's out_proj after a
     channels-first conv, transposed back) reads a contiguous copy: eager `linear` makes the same

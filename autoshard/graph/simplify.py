@@ -11,10 +11,10 @@ from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
 from autoshard.graph.head_folds import unfold_batch_heads
 from autoshard.graph.statistics import spreads_as_means
 from autoshard.graph.linear_forms import (addmm_as_linear, chunk_before_transpose, contiguous_linear_inputs, matmul_as_linear,
-                                          same_value_casts_dropped, slices_as_split, view_parts_as_chunk)
+                                          parts_before_unsqueeze, same_value_casts_dropped, slices_as_split, view_parts_as_chunk)
 
 __all__ = ["simplify", "addmm_as_linear", "matmul_as_linear", "view_parts_as_chunk", "chunk_before_transpose",
-           "slices_as_split", "unfold_batch_heads", "depthwise_conv_as_taps", "contiguous_linear_inputs", "same_value_casts_dropped",
+           "slices_as_split", "parts_before_unsqueeze", "unfold_batch_heads", "depthwise_conv_as_taps", "contiguous_linear_inputs", "same_value_casts_dropped",
            "spreads_as_means"]
 
 aten = torch.ops.aten
@@ -31,6 +31,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     changed |= unfold_batch_heads(gm)
     changed |= view_parts_as_chunk(gm)
     changed |= slices_as_split(gm)
+    changed |= parts_before_unsqueeze(gm)
     changed |= chunk_before_transpose(gm)
     changed |= depthwise_conv_as_taps(gm)
     changed |= same_value_casts_dropped(gm)
