@@ -88,8 +88,46 @@ def test_autoshard_2d_and_one_liner_match_unsharded(ranks4):
     for out in ranks4.run(_two_ways):
         assert out["fsdp"] == [True, True] and out["options"]
         assert out["layers_fsdp"]
-        assert out["loss_diff"] < ATOL and out["grad_diff"] < ATOL, out
+        assert out["loss_diff"] < ATOL and out["grad_diff"] < ATOL, (out["worst"], out["grad_diff"])
         assert out["replan_logits_diff"] < ATOL and out["programs"] == [True, True]
+
+
+def _fused_parts_2d():
+    """Phi-3's `gate_up_proj` (equal halves) and `qkv_proj` (q | k | v of unequal widths), split
+    part by part over tp, under FSDP2 over dp: FSDP shards them on their other dim (on the parts'
+    dim its `_StridedShard` nests in their layout and DTensor gathers them in the wrong order)."""
+    import torch.distributed as dist
+
+    import autoshard
+    from tests.families import build_tiny, example_inputs
+
+    warnings.filterwarnings("ignore")
+    mesh = _mesh_2d()
+    model, cfg = build_tiny("phi3")
+    ref = copy.deepcopy(model)
+    batch = example_inputs(cfg, seed=4 + mesh["dp"].get_local_rank())
+    sharded = autoshard.autoshard(model, mesh, example_inputs=batch)
+    loss, ref_loss = full(sharded(**batch).loss), ref(**batch).loss
+    loss.backward()
+    ref_loss.backward()
+    worst, state = 0.0, sharded.state_dict()
+    for n, p in ref.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g, group=mesh["dp"].get_group())
+        worst = max(worst, (full(sharded.get_parameter(n).grad) - g / 2).abs().max().item())
+    layer = "model.layers.0"
+    fused = [f"{layer}.self_attn.qkv_proj.weight", f"{layer}.mlp.gate_up_proj.weight"]
+    return {"plan": [sharded.plan.params[f].placement for f in fused],
+            "fsdp": [str(sharded.get_parameter(f).placements) for f in fused],
+            "loss_diff": abs(loss.item() - ref_loss.item()), "grad_diff": worst,
+            "state": all(torch.equal(full(state[f]), ref.get_parameter(f).detach()) for f in fused)}
+
+
+def test_fused_parts_under_fsdp_dp2_tp2(ranks4):
+    for out in ranks4.run(_fused_parts_2d):
+        assert out["plan"] == ["_StridedShard(0, parts=64|32|32)", "_StridedShard(0, sf=2)"], out
+        assert all(p.startswith("(Shard(dim=1)") for p in out["fsdp"]), out
+        assert out["loss_diff"] < ATOL and out["grad_diff"] < ATOL and out["state"], out
 
 
 # ---- collectives: FSDP per layer over dp, the tensor-parallel program unchanged over tp ---------

@@ -33,6 +33,7 @@ def _shard_family(model_type: str, lower: bool, stats: bool = False) -> dict:
     params = dict(sharded.named_parameters())
     ref_params = dict(ref.named_parameters())
     res["plan"] = {f: p.placement for f, p in sharded.plan.params.items()}
+    res["reasons"] = {f: p.reason for f, p in sharded.plan.params.items()}
     res["local"] = {f: tuple(params[f].to_local().shape) for f in params if isinstance(params[f], DTensor)}
     # the original layout, whatever the split: full_tensor() and state_dict() give the model's own tensor
     res["full_ok"] = all(torch.equal(params[f].full_tensor(), ref_params[f].detach()) for f in res["local"])
@@ -119,6 +120,7 @@ def test_gpt_bigcode_multi_query_c_attn_gathers_its_one_kv_head_tp2(ranks2, lowe
         assert r["plan"][f"{attn}.c_proj.weight"] == "Shard(1)"
         assert r["local"][f"{attn}.c_attn.weight"] == (48, 64)
         assert _fused_gathers(r) == 4 and r["expected_comms"]["all_gather"] >= 4, r  # K and V of 2 layers
+        assert "part(s) 1, 2 (from 0) gathered whole" in r["reasons"][f"{attn}.c_attn.weight"], r["reasons"]
 
 
 @pytest.mark.slow  # tp 2 covers the gather on every CI run

@@ -27,6 +27,16 @@ def _plan_as_data():
     out["explain_up"] = plan.explain("model.layers.0.mlp.up_proj.weight")
     out["up_shape"] = plan.params["model.layers.0.mlp.up_proj.weight"].shape
     out["explain_boundary"] = plan.explain(plan.boundaries[0].node)
+    # ranks compare plans without node names (a set-ordered trace names them differently per rank)
+    renamed = Plan.from_json(text)
+    for r in renamed.regions:
+        r.nodes = [f"renamed_{n}" for n in r.nodes]
+    for b in renamed.boundaries:
+        b.node = f"renamed_{b.node}"
+    moved = Plan.from_json(text)
+    moved.params["model.layers.0.mlp.up_proj.weight"].placement = "Replicate()"
+    out["rank_digest"] = (renamed.rank_digest() == plan.rank_digest(), renamed.digest() != plan.digest(),
+                          moved.rank_digest() != plan.rank_digest())
     # applying a loaded plan reproduces the same sharded model
     again = autoshard.autoshard(tiny_model("tiny-qwen3"), tp_mesh(), example_inputs=kw, plan=back)
     out["reapplied"] = torch.equal(full(again(**kw).logits), full(sharded(**kw).logits))
@@ -50,6 +60,7 @@ def _plan_as_data():
 def test_plan_json_report_explain_and_validation(ranks2):
     out, errors = ranks2.run(_plan_as_data)[0]
     assert out["roundtrip"] and out["digest"] and out["reapplied"]
+    assert out["rank_digest"] == (True, True, True)
     report = out["report"]
     for needle in ("model.layers.0.self_attn.q_proj.weight", "Shard(0)", "reduce_scatter", "all_gather",
                    "sequence parallel", "loss parallel", "model.layers.0.mlp"):

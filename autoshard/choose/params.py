@@ -34,6 +34,10 @@ def param_placements(analysis: GraphAnalysis, chosen: list[Candidate]):
                 widths = " | ".join(map(str, getattr(placement, "sizes", ())))
                 why += (f" in each of its {placement.split_factor} fused parts (the output is cut into "
                         + (f"parts of {widths} features)" if widths else f"{placement.split_factor} equal parts)"))
+                if c.gathers:
+                    parts = ", ".join(str(analysis.nodes[g].args[1]) for g in c.gathers)
+                    why += (f"; part(s) {parts} (from 0) gathered whole inside the region: their heads do not split "
+                            "over tp (K/V replicated), stored split all the same")
             if w.out_dim != 0:
                 why += _stored(analysis, node, w.out_dim)
             _set(params, reasons, w.fqn, placement, why, name)

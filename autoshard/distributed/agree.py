@@ -64,7 +64,7 @@ def agree_across_ranks(plan: Plan | BaseException, mesh: DeviceMesh) -> None:
         if failed:
             raise plan
         return
-    digest = hashlib.sha256(str(plan).encode()).hexdigest()[:16] if failed else plan.digest()
+    digest = hashlib.sha256(str(plan).encode()).hexdigest()[:16] if failed else plan.rank_digest()
     model = "0" * 16 if failed else plan.fingerprint
     text = (f"{type(plan).__name__}: {plan}" if failed else "").encode()[:_MSG_BYTES]
     mine = torch.zeros(_HEAD + _MSG_BYTES, dtype=torch.uint8)

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from autoshard.distributed.parameters import GradReducer
 from autoshard.execute.module import Container
@@ -106,6 +107,17 @@ def _signature(module: nn.Module) -> tuple:
 
 
 # ---- composing -----------------------------------------------------------------------------------
+def _beside_strided(param: nn.Parameter) -> Shard | None:
+    """FSDP2's dim for a weight split part by part over tp (a fused q|k|v or gate|up): another dim
+    than the parts'. On the same dim FSDP's own `_StridedShard` nests in the parts' layout, and
+    DTensor then gathers such a weight (its gradient too) in the wrong row order."""
+    fused = [p for p in getattr(param, "placements", ()) if isinstance(p, _StridedShard)]
+    if not fused:
+        return None  # FSDP's default: dim 0
+    dims = [d for d in range(param.ndim) if d != fused[0].dim % param.ndim]
+    return Shard(max(dims, key=lambda d: param.shape[d])) if dims else None
+
+
 def data_parallel(
     sharded: nn.Module,
     mesh: DeviceMesh,
@@ -145,7 +157,7 @@ def data_parallel(
             break
     buckets = _unit_buckets(sharded, units)
     _broadcast_from_first(sharded, mesh)
-    opts = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    opts = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "shard_placement_fn": _beside_strided}
     if mp_policy is not None:
         opts["mp_policy"] = mp_policy
     for path in units:

@@ -17,16 +17,15 @@ reshard to any mesh. `describe_blocks` puts it in a state dict where a shard has
 from __future__ import annotations
 
 import itertools
-import math
 from functools import lru_cache
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from autoshard.schema.fused_parts import shard_tensor
+from autoshard.schema.fused_parts import moved, shard_tensor
 from autoshard.schema.placements import splits
 
 Block = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]   # (global offsets, sizes, local offsets)
@@ -41,15 +40,14 @@ def local_runs(shape: tuple[int, ...], mesh, placements, dim: int) -> list[tuple
 
 @lru_cache(maxsize=4096)
 def _runs(shape, mesh, placements, dim, _coordinate) -> list[tuple[int, int, int]]:
-    if not any(splits(p) and p.dim % len(shape) == dim for p in placements):
-        return [(0, shape[dim], 0)]   # a dim no placement splits: all of it (parts' widths need not fit the size below)
-    # other dims get a size every placement divides evenly, so no rank's block along `dim` is empty
-    factor = math.prod(mesh.shape) * math.prod(p.split_factor for p in placements if isinstance(p, _StridedShard))
-    sizes = [n if d == dim else factor for d, n in enumerate(shape)]
-    view = [-1 if d == dim else 1 for d in range(len(shape))]
-    index = torch.arange(shape[dim], device=mesh.device_type).view(view).expand(sizes)
-    local = shard_tensor(index, mesh, list(placements), src_data_rank=None).to_local()
-    mine = local[tuple(slice(None) if d == dim else 0 for d in range(len(shape)))].tolist()
+    # only the placements that split `dim` decide which of its indices this rank holds: distribute
+    # that dim's index vector alone (the others act as Replicate on it)
+    along = [(moved(p, 0) if isinstance(p, _StridedShard) else Shard(0)) if splits(p) and p.dim % len(shape) == dim
+             else Replicate() for p in placements]
+    if all(p.is_replicate() for p in along):
+        return [(0, shape[dim], 0)]
+    index = torch.arange(shape[dim], device=mesh.device_type)
+    mine = shard_tensor(index, mesh, along, src_data_rank=None).to_local().tolist()
     runs: list[list[int]] = []
     for pos, g in enumerate(mine):
         if runs and runs[-1][0] + runs[-1][1] == g:

@@ -86,14 +86,15 @@ def moved(p: _StridedShard, dim: int) -> _StridedShard:
 
 def shard_tensor(tensor: torch.Tensor, mesh, placements, src_data_rank: int | None = 0) -> DTensor:
     """`distribute_tensor`, also for `StridedParts` (which DTensor would rebuild as equal parts):
-    its rows taken from `src_data_rank`'s tensor (broadcast first; None: this rank's own)."""
+    its rows taken from `src_data_rank`'s tensor (broadcast first; None: this rank's own), split
+    mesh dim by mesh dim (FSDP's dp split is on another tensor dim than the parts')."""
     placements = list(placements)
     if not any(isinstance(p, StridedParts) for p in placements):
         return distribute_tensor(tensor, mesh, placements, src_data_rank=src_data_rank)
-    if len(placements) != 1:
-        raise NotImplementedError("StridedParts on a multi-dim mesh")
     if src_data_rank is not None:
-        tensor = distribute_tensor(tensor, mesh, [Replicate()], src_data_rank=src_data_rank).to_local()
-    p, rank = placements[0], mesh.get_local_rank()
-    local = p._split_tensor(tensor, mesh.size(), with_padding=False)[0][rank]
-    return DTensor.from_local(local, mesh, [p], run_check=False, shape=tensor.shape, stride=tensor.stride())
+        tensor = distribute_tensor(tensor, mesh, [Replicate()] * mesh.ndim, src_data_rank=src_data_rank).to_local()
+    local, coordinate = tensor, mesh.get_coordinate()
+    for i, p in enumerate(placements):
+        if isinstance(p, _StridedShard) or p.is_shard():
+            local = p._split_tensor(local, mesh.size(i), with_padding=False)[0][coordinate[i]]
+    return DTensor.from_local(local.contiguous(), mesh, placements, run_check=False, shape=tensor.shape, stride=tensor.stride())

@@ -117,8 +117,24 @@ class Plan:
         return plan
 
     def digest(self) -> str:
-        """A hash of everything that decides runtime behaviour (ranks compare it)."""
+        """A hash of everything that decides runtime behaviour."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("estimate", "notes")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def rank_digest(self) -> str:
+        """What ranks must agree on: every parameter's placement, each region's strategy and the
+        collectives in graph order, without graph node names. Two processes trace the same model
+        with differently named nodes when model code iterates a set (transformers'
+        `for layer_type in set(config.layer_types)` builds its masks in hash-seed order, and each
+        rank has its own seed): that changes no collective, so it must not fail the agreement."""
+        keep = {
+            "fingerprint": self.fingerprint, "mesh": self.mesh, "stream": self.stream,
+            "params": {f: (p.placement, p.grad_reduce, p.tied_to) for f, p in self.params.items()},
+            "regions": [(r.name, r.kind, r.strategy, r.column, r.row, len(r.nodes), r.loss_parallel) for r in self.regions],
+            "boundaries": [(b.src, b.dst, b.collective, b.bytes, b.kind) for b in self.boundaries],
+            "layouts": [sorted(self.attention.values()), len(self.loss_parallel), len(self.sharded_outputs),
+                        sorted(self.expert_parallel.values()), len(self.implicit)],
+        }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     # ---- inspection -----------------------------------------------------------------------------
