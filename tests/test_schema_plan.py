@@ -50,6 +50,10 @@ def _plan_as_data():
             Plan.from_json(bad)
         except PlanError as e:
             errors[label] = str(e)
+    try:  # a plan whose node names this capture does not have (traced in another order)
+        autoshard.autoshard(tiny_model("tiny-qwen3"), tp_mesh(), example_inputs=kw, plan=renamed)
+    except PlanError as e:
+        errors["renamed"] = str(e)
     try:  # a plan for another model
         autoshard.autoshard(tiny_model("tiny-llama"), tp_mesh(), example_inputs=kw, plan=back)
     except PlanError as e:
@@ -71,7 +75,8 @@ def test_plan_json_report_explain_and_validation(ranks2):
     local = -(-rows // 2) * cols * 4
     assert f"cost: {local / 1024:.1f} KiB parameter + {local / 1024:.1f} KiB gradient + {2 * local / 1024:.1f} KiB Adam" in out["explain_up"]
     assert "->" in out["explain_boundary"]
-    assert set(errors) == {"garbage", "format", "placement", "other_model"}
+    assert set(errors) == {"garbage", "format", "placement", "renamed", "other_model"}
+    assert "names differently" in errors["renamed"] and "PYTHONHASHSEED" in errors["renamed"]
     assert "another model" in errors["other_model"] and "Qwen3ForCausalLM" in errors["other_model"]
 
 

@@ -13,7 +13,8 @@ from autoshard.schema.plan import Plan
 
 
 def check_plan_matches(given: Plan, derived: Plan) -> None:
-    """A loaded plan must be for this model (parameter names, shapes, dtypes) and this mesh."""
+    """A loaded plan must be for this model (parameter names, shapes, dtypes), this mesh and this
+    capture's node names (the plan places its regions and collectives by them)."""
     if given.fingerprint != derived.fingerprint:
         only_plan = sorted(set(given.params) - set(derived.params))[:3]
         only_model = sorted(set(derived.params) - set(given.params))[:3]
@@ -38,6 +39,15 @@ def check_plan_matches(given: Plan, derived: Plan) -> None:
         raise PlanError(
             f"the plan was made for mesh {given.mesh}, not {derived.mesh} "
             f"(differs in {', '.join(f'{k}: plan {a} vs now {b}' for k, (a, b) in diff.items())}); plan again for this mesh"
+        )
+    ours = {(r.name, frozenset(r.nodes)) for r in derived.regions}
+    names = {name for name, _ in ours}
+    renamed = [r.name for r in given.regions if r.name in names and (r.name, frozenset(r.nodes)) not in ours]
+    if renamed:
+        raise PlanError(
+            f"the plan names graph nodes this capture names differently (region {renamed[0]} and {len(renamed) - 1} more): "
+            "the model's code traced in another order (e.g. it iterates a set, whose order follows PYTHONHASHSEED); "
+            "plan again, or save and load plans with the same PYTHONHASHSEED"
         )
 
 
