@@ -50,6 +50,18 @@ def _assert_same_values_and_input_grads(ep, model, x):
     torch.testing.assert_close(a.grad, b.grad)
 
 
+def _rewritten(model, rewrite) -> torch.fx.GraphModule:
+    """`model` exported on a [2, 3, 8] input and rewritten by `rewrite` (which must change it);
+    the rewritten program computes the model's values and input gradient."""
+    x = torch.randn(2, 3, 8)
+    ep = _exported(model, (x,))
+    assert rewrite(ep.graph_module)
+    ep.graph_module.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    _assert_same_values_and_input_grads(ep, model, x)
+    return ep.graph_module
+
+
 def _grads(model):
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
@@ -222,14 +234,9 @@ class ViewedGateUp(nn.Module):
 
 
 def test_view_read_part_by_part_becomes_a_chunk_with_equal_values_and_gradients():
-    x = torch.randn(2, 3, 8)
-    model = ViewedGateUp()
-    ep = _exported(model, (x,))
-    assert simplify.view_parts_as_chunk(ep.graph_module)
-    ep.graph_module.recompile()
-    ops = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    gm = _rewritten(ViewedGateUp(), simplify.view_parts_as_chunk)
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.chunk.default in ops and torch.ops.aten.select.int not in ops
-    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class SlicedQKV(nn.Module):
@@ -248,16 +255,11 @@ class SlicedQKV(nn.Module):
 
 
 def test_slices_tiling_a_linear_output_become_split_with_sizes_with_equal_values_and_gradients():
-    x = torch.randn(2, 3, 8)
-    model = SlicedQKV()
-    ep = _exported(model, (x,))
-    assert simplify.slices_as_split(ep.graph_module)
-    ep.graph_module.recompile()
-    splits = [n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    gm = _rewritten(SlicedQKV(), simplify.slices_as_split)
+    splits = [n for n in gm.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
     assert [s.args[1:] for s in splits] == [([8, 4, 4], 2)]
-    assert not any(n.target is torch.ops.aten.slice.Tensor for n in ep.graph_module.graph.nodes)
-    _assert_same_values_and_input_grads(ep, model, x)
-    overlapping = _exported(SlicedQKV(overlap=True), (x,))
+    assert not any(n.target is torch.ops.aten.slice.Tensor for n in gm.graph.nodes)
+    overlapping = _exported(SlicedQKV(overlap=True), (torch.randn(2, 3, 8),))
     assert not simplify.slices_as_split(overlapping.graph_module)
 
 
@@ -274,14 +276,9 @@ class UnsqueezedMQA(nn.Module):
 
 
 def test_parts_of_an_unsqueezed_projection_are_cut_before_the_unsqueeze_with_equal_values_and_gradients():
-    x = torch.randn(2, 3, 8)
-    model = UnsqueezedMQA()
-    ep = _exported(model, (x,))
-    assert simplify.parts_before_unsqueeze(ep.graph_module)
-    ep.graph_module.recompile()
-    cut = [n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    gm = _rewritten(UnsqueezedMQA(), simplify.parts_before_unsqueeze)
+    cut = [n for n in gm.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
     assert len(cut) == 1 and cut[0].args[0].target is torch.ops.aten.linear.default and cut[0].args[2] == 2
-    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class ChannelsFirstParts(nn.Module):
@@ -297,15 +294,9 @@ class ChannelsFirstParts(nn.Module):
 
 
 def test_chunk_of_a_transpose_is_cut_before_it_with_equal_values_and_gradients():
-    x = torch.randn(2, 3, 8)
-    model = ChannelsFirstParts()
-    ep = _exported(model, (x,))
-    assert simplify.chunk_before_transpose(ep.graph_module)
-    ep.graph_module.graph.eliminate_dead_code()
-    ep.graph_module.recompile()
-    chunk = next(n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.chunk.default)
+    gm = _rewritten(ChannelsFirstParts(), simplify.chunk_before_transpose)
+    chunk = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.chunk.default)
     assert chunk.args[0].target is torch.ops.aten.linear.default and chunk.args[2] == 2  # the features' dim
-    _assert_same_values_and_input_grads(ep, model, x)
 
 
 class ChannelsFirstOut(nn.Module):
