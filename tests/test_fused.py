@@ -165,14 +165,17 @@ def test_gemma3n_sparse_gate_shards_with_its_mean_and_std_reduced_tp2(ranks2):
         assert len(r["stats"]) >= 4 and {c for _, c in r["stats"]} == {"all_reduce"}, r["stats"]
 
 
-def test_falcon_matmul_linears_shard_their_mlp_tp2(ranks2):
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_falcon_matmul_linears_and_multi_query_qkv_shard_tp2(ranks2, lower):
     """FalconLinear runs `x @ W.T`: a linear to the passes; its MLP splits column -> row. Its
-    multi-query qkv (one K/V head fused after the 4 query heads) stays whole."""
-    for r in ranks2.run(_shard_family, "falcon", True):
-        _check_exact(r, True)
-        mlp = "transformer.h.0.mlp"
+    multi-query qkv is viewed `[b, s, 4 + 2, 16]` and K and V are picked by a constant index
+    (`[..., [-2], :]`): read as q | k | v of 64 | 16 | 16, split part by part, K/V gathered."""
+    for r in ranks2.run(_shard_family, "falcon", lower):
+        _check_exact(r, lower)
+        mlp, attn = "transformer.h.0.mlp", "transformer.h.0.self_attention"
         assert r["plan"][f"{mlp}.dense_h_to_4h.weight"] == "Shard(0)" and r["plan"][f"{mlp}.dense_4h_to_h.weight"] == "Shard(1)"
-        assert r["plan"]["transformer.h.0.self_attention.query_key_value.weight"] == "Replicate()"
+        assert r["plan"][f"{attn}.query_key_value.weight"] == "_StridedShard(0, parts=64|16|16)"
+        assert r["plan"][f"{attn}.dense.weight"] == "Shard(1)" and _fused_gathers(r) == 4
 
 
 @pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])

@@ -281,6 +281,33 @@ def test_parts_of_an_unsqueezed_projection_are_cut_before_the_unsqueeze_with_equ
     assert len(cut) == 1 and cut[0].args[0].target is torch.ops.aten.linear.default and cut[0].args[2] == 2
 
 
+class PickedHeadsMQA(nn.Module):
+    """Falcon's multi-query attention input: `qkv(x).view(b, s, heads + 2, d)`, the query heads
+    sliced and the one K and V head picked by a constant index."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        fused = self.qkv(x).view(b, s, 6, 4)
+        q, k, v = fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]
+        return (q * k + v).flatten(2)
+
+
+def test_heads_picked_by_a_constant_index_become_split_with_sizes_with_equal_values_and_gradients():
+    model, x = PickedHeadsMQA(), torch.randn(2, 3, 8)
+    ep = _exported(model, (x,))
+    constants = {ph: ep.constants[fqn] for ph, fqn in ep.graph_signature.inputs_to_lifted_tensor_constants.items()}
+    assert simplify.heads_picked_as_split(ep.graph_module, constants)
+    ep.graph_module.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    cut = [n for n in ep.graph_module.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    assert [c.args[1:] for c in cut] == [([16, 4, 4], 2)]
+    _assert_same_values_and_input_grads(ep, model, x)
+
+
 class ChannelsFirstParts(nn.Module):
     """LFM2's short conv input: `in_proj(x).transpose(-1, -2).chunk(3, dim=-2)`."""
 

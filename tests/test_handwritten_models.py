@@ -185,3 +185,47 @@ def test_gpt_fast_kv_cache_prefill_and_decode_tp2(ranks2, lower):
 def test_gpt_fast_kv_cache_tp4(ranks4):
     for r in ranks4.run(_gpt_fast_prefill_then_decode, False):
         assert r["prefill"] < ATOL and r["grads"] < ATOL and max(r["decode"]) < ATOL, r
+
+
+class _MultiQueryAttention(torch.nn.Module):
+    """Multi-query attention as hand-written models write it: one K/V head that SDPA broadcasts
+    over the query heads (no repeat)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim, bias=False)
+        self.kv = torch.nn.Linear(dim, 2 * self.hd, bias=False)
+        self.o = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 1, 2 * self.hd).transpose(1, 2).split(self.hd, dim=-1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def _multi_query_case(lower: bool) -> dict:
+    import autoshard
+
+    torch.manual_seed(0)
+    model = _MultiQueryAttention()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    sharded = autoshard.autoshard(model, tp_mesh(), example_inputs=(x,), lower=lower)
+    out, expect = sharded(x), ref(x)
+    full(out).pow(2).mean().backward()
+    expect.pow(2).mean().backward()
+    grads, missing = max_grad_diff(sharded, ref)
+    return {"out": (full(out) - expect).abs().max().item(), "grads": grads, "missing": missing,
+            "placements": {f: p.placement for f, p in sharded.plan.params.items()}}
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_one_kv_head_broadcast_over_split_query_heads_tp2(ranks2, lower):
+    """The one K/V head stays whole on every rank (it was sliced by rank like the query heads, so
+    rank 1 attended to an empty head); q and o split by heads."""
+    for r in ranks2.run(_multi_query_case, lower):
+        assert r["out"] < ATOL and r["grads"] < ATOL and not r["missing"], r
+        assert r["placements"]["q.weight"] == "Shard(0)" and r["placements"]["o.weight"] == "Shard(1)", r

@@ -150,14 +150,14 @@ class LocalAttention(RuntimeOp):
         if not isinstance(q, DTensor):
             return self._local(q, k, v, attn_mask)
         p = self.placement
-        mask_p = None
-        if isinstance(attn_mask, DTensor):
-            whole = p.is_replicate() or attn_mask.shape[p.dim] == 1
-            mask_p = (Replicate(),) if whole else (p,)
-        ins = ((p,), (p,), (p,), mask_p)
+        # an operand of one head (or row) broadcast over q's — multi-query's K/V, a mask — stays
+        # whole; its gradient is then each rank's share, summed later
+        whole = lambda t: (Replicate(),) if p.is_replicate() or t.shape[p.dim] == 1 else (p,)  # noqa: E731
+        mask_p = whole(attn_mask) if isinstance(attn_mask, DTensor) else None
+        ins = ((p,), whole(k), whole(v), mask_p)
         fn = local_map(
             self._local, out_placements=((p,),), in_placements=ins,
-            in_grad_placements=ins[:3] + (None if mask_p is None else _grads_of((mask_p,), p)[0],),
+            in_grad_placements=_grads_of(ins[:3], p) + (None if mask_p is None else _grads_of((mask_p,), p)[0],),
             device_mesh=q.device_mesh, redistribute_inputs=True,
         )
         return fn(*map(consistent_grad, (q, k, v, attn_mask)))

@@ -178,12 +178,11 @@ class _Lowering:
         if isinstance(mod, runtime.LocalAttention) and self.placement[node] is not None:
             p = self.placement[node]
             q, k, v, mask = (list(node.args) + [None])[:4]
-            for a in (q, k, v):
-                self._convert(node, a, p)
-            if isinstance(mask, fx.Node):
-                val = self._val(mask)
-                whole = not p.is_shard() or val.shape[p.dim] == 1
-                self._convert(node, mask, REPLICATE if whole else p)
+            self._convert(node, q, p)
+            for a in (k, v, mask):  # one head (or row) broadcast over q's (multi-query K/V, a mask): whole
+                if isinstance(a, fx.Node):
+                    whole = not p.is_shard() or self._val(a).shape[p.dim] == 1
+                    self._convert(node, a, REPLICATE if whole else p)
         elif isinstance(mod, runtime.LocalMatmul) and self.placement[node] is not None:
             p = self.placement[node]
             vals = [self._val(a) for a in node.args[:2]]

@@ -226,7 +226,7 @@ def capture(model: torch.nn.Module, example_inputs, device: str = "meta") -> Cap
         state_layouts=dict(getattr(model, "autoshard_state_layouts", None) or {}),
     )
     captured.seq_dim_symbols = _seq_symbols(program, tensors)
-    simplify(program.graph_module)
+    simplify(program.graph_module, {ph: program.constants.get(fqn) for ph, fqn in sig.inputs_to_lifted_tensor_constants.items()})
     return captured
 
 

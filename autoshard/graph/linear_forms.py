@@ -141,15 +141,15 @@ def slices_as_split(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
-def _slice_span(node: torch.fx.Node, ndim: int, width: int) -> tuple[int, int] | None:
-    """(start, end) of `x[..., start:end]` (step 1, static bounds) on the last of `ndim` dims, else None."""
+def _slice_span(node: torch.fx.Node, ndim: int, width: int, at: int = -1) -> tuple[int, int] | None:
+    """(start, end) of `x[..., start:end]` (step 1, static bounds) on dim `at` of `ndim` dims, else None."""
     if node.op != "call_function" or node.target is not aten.slice.Tensor or node.kwargs:
         return None
     given = list(node.args[1:])
     dim, start, end, step = given + [0, None, None, 1][len(given):]
     start = 0 if start is None else start
     end = width if end is None else end
-    if not all(isinstance(v, int) for v in (dim, start, end, step)) or step != 1 or dim % ndim != ndim - 1:
+    if not all(isinstance(v, int) for v in (dim, start, end, step)) or step != 1 or dim % ndim != at % ndim:
         return None
     start, end = max(0, start + width if start < 0 else start), min(width, end + width if end < 0 else end)
     return (start, end) if start < end else None
@@ -185,6 +185,66 @@ def chunk_before_transpose(gm: torch.fx.GraphModule) -> bool:
         gm.graph.erase_node(node)
         changed = True
     return changed
+
+
+def heads_picked_as_split(gm: torch.fx.GraphModule, constants: dict | None = None) -> bool:
+    """`h.view(*lead, H, D)` of a linear's output read only as ranges of its H heads that tile them
+    — `[..., a:b, :]`, or `[..., [i], :]` with a constant index (Falcon's multi-query
+    `query_key_value`: the query heads, then one K and one V head) — as `split_with_sizes` of `h`
+    into those ranges, each viewed `[*lead, n, D]`: the same values, cut where the fused features
+    are the last dim. `constants`: placeholder name -> value of the graph's lifted constants."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not (_is_view(node) and isinstance(node.args[0], torch.fx.Node) and node.args[0].target is aten.linear.default):
+            continue
+        h, out = _val(node.args[0]), _val(node)
+        if h is None or out is None or out.ndim != h.ndim + 1 or _dims(node)[:-2] != _dims(node.args[0])[:-1]:
+            continue
+        heads, d = out.shape[-2], out.shape[-1]
+        if not (isinstance(heads, int) and isinstance(d, int)):
+            continue
+        picks = [(_heads_span(u, out.ndim, heads, constants or {}), u) for u in node.users]
+        if not picks or any(span is None for span, _ in picks):
+            continue
+        picks.sort(key=lambda c: c[0])
+        spans = [span for span, _ in picks]
+        if spans[0][0] != 0 or spans[-1][1] != heads or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+            continue
+        sizes, lead = [(b - a) * d for a, b in spans], list(node.args[1])[:-2]
+        with gm.graph.inserting_before(node):
+            split = gm.graph.call_function(aten.split_with_sizes.default, (node.args[0], sizes, h.ndim - 1))
+        split.meta["val"] = h.split(sizes, -1)
+        for i, ((a, b), user) in enumerate(picks):
+            with gm.graph.inserting_before(user):
+                part = gm.graph.call_function(operator.getitem, (split, i))
+                viewed = gm.graph.call_function(aten.view.default, (part, lead + [b - a, d]))
+            part.meta["val"] = split.meta["val"][i]
+            viewed.meta = dict(user.meta)
+            user.replace_all_uses_with(viewed)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _heads_span(node: torch.fx.Node, ndim: int, heads: int, constants: dict) -> tuple[int, int] | None:
+    """The heads `node` reads of a `[..., H, D]` value: a slice of dim -2, or an `index` there by
+    one constant head (`[..., [-2], :]`)."""
+    if node.target is aten.slice.Tensor:
+        return _slice_span(node, ndim, heads, at=-2)
+    if node.target is not aten.index.Tensor or len(node.args) != 2 or node.kwargs:
+        return None
+    idx = list(node.args[1])
+    if len(idx) != ndim - 1 or any(i is not None for i in idx[:-1]):
+        return None
+    c = idx[-1]
+    if isinstance(c, torch.fx.Node) and c.target is aten.lift_fresh_copy.default:
+        c = c.args[0]
+    value = constants.get(c.name) if isinstance(c, torch.fx.Node) else None
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
+        return None
+    head = int(value.reshape(())) % heads
+    return head, head + 1
 
 
 _CUTS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default)

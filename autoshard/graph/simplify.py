@@ -11,16 +11,18 @@ from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
 from autoshard.graph.head_folds import unfold_batch_heads
 from autoshard.graph.statistics import spreads_as_means
 from autoshard.graph.linear_forms import (addmm_as_linear, chunk_before_transpose, contiguous_linear_inputs, matmul_as_linear,
-                                          parts_before_unsqueeze, same_value_casts_dropped, slices_as_split, view_parts_as_chunk)
+                                          heads_picked_as_split, parts_before_unsqueeze, same_value_casts_dropped,
+                                          slices_as_split, view_parts_as_chunk)
 
 __all__ = ["simplify", "addmm_as_linear", "matmul_as_linear", "view_parts_as_chunk", "chunk_before_transpose",
-           "slices_as_split", "parts_before_unsqueeze", "unfold_batch_heads", "depthwise_conv_as_taps", "contiguous_linear_inputs", "same_value_casts_dropped",
+           "slices_as_split", "heads_picked_as_split", "parts_before_unsqueeze", "unfold_batch_heads", "depthwise_conv_as_taps", "contiguous_linear_inputs", "same_value_casts_dropped",
            "spreads_as_means"]
 
 aten = torch.ops.aten
 
 
-def simplify(gm: torch.fx.GraphModule) -> None:
+def simplify(gm: torch.fx.GraphModule, constants: dict | None = None) -> None:
+    """`constants`: placeholder name -> value of the lifted tensor constants (an index a rewrite reads)."""
     changed = inline_no_grad_regions(gm)
     changed |= drop_self_copies(gm)
     changed |= drop_empty_cat_inputs(gm)
@@ -31,6 +33,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     changed |= unfold_batch_heads(gm)
     changed |= view_parts_as_chunk(gm)
     changed |= slices_as_split(gm)
+    changed |= heads_picked_as_split(gm, constants)
     changed |= parts_before_unsqueeze(gm)
     changed |= chunk_before_transpose(gm)
     changed |= depthwise_conv_as_taps(gm)

@@ -312,7 +312,8 @@ class PlacementSimulator:
             return self._spec(node.meta["val"], REPLICATE)
 
     def _attention(self, node, sim, operands):
-        """q, k, v sharded alike on batch (0) or heads (1), else replicated; the mask follows."""
+        """q, k, v sharded alike on batch (0) or heads (1), else replicated; the mask follows; a k, v
+        or mask of one head (or row) broadcast over q's stays whole."""
         args, _ = self._args(node, operands)
         names = flatten_names(node.args)
         q = args[0]
@@ -323,8 +324,8 @@ class PlacementSimulator:
             if not isinstance(spec, DTensorSpec):
                 continue
             want = target
-            if i == 3 and target.is_shard() and spec.tensor_meta.shape[target.dim] == 1:
-                want = REPLICATE  # a mask broadcast over heads/batch stays whole
+            if i and target.is_shard() and spec.tensor_meta.shape[target.dim] == 1:
+                want = REPLICATE  # k, v or mask broadcast over heads/batch (multi-query's one head) stay whole
             if spec.placements != (want,):
                 self._move(sim, spec, (want,), names[i] or node.name, node.name, planned=False)
         return self._spec(node.meta["val"], target)
