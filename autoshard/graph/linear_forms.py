@@ -175,13 +175,7 @@ def chunk_before_transpose(gm: torch.fx.GraphModule) -> bool:
             chunk = gm.graph.call_function(aten.chunk.default, (h, node.args[1], b if d == a else a))
         chunk.meta["val"] = _val(h).chunk(node.args[1], b if d == a else a)
         for user in list(node.users):
-            with gm.graph.inserting_before(user):
-                part = gm.graph.call_function(operator.getitem, (chunk, user.args[1]))
-                flipped = gm.graph.call_function(aten.transpose.int, (part, t.args[1], t.args[2]))
-            part.meta["val"] = chunk.meta["val"][user.args[1]]
-            flipped.meta = dict(user.meta)
-            user.replace_all_uses_with(flipped)
-            gm.graph.erase_node(user)
+            _part_then(gm, chunk, user.args[1], user, aten.transpose.int, t.args[1], t.args[2])
         gm.graph.erase_node(node)
         changed = True
     return changed
@@ -215,13 +209,7 @@ def heads_picked_as_split(gm: torch.fx.GraphModule, constants: dict | None = Non
             split = gm.graph.call_function(aten.split_with_sizes.default, (node.args[0], sizes, h.ndim - 1))
         split.meta["val"] = h.split(sizes, -1)
         for i, ((a, b), user) in enumerate(picks):
-            with gm.graph.inserting_before(user):
-                part = gm.graph.call_function(operator.getitem, (split, i))
-                viewed = gm.graph.call_function(aten.view.default, (part, lead + [b - a, d]))
-            part.meta["val"] = split.meta["val"][i]
-            viewed.meta = dict(user.meta)
-            user.replace_all_uses_with(viewed)
-            gm.graph.erase_node(user)
+            _part_then(gm, split, i, user, aten.view.default, lead + [b - a, d])
         gm.graph.erase_node(node)
         changed = True
     return changed
@@ -270,13 +258,7 @@ def parts_before_unsqueeze(gm: torch.fx.GraphModule) -> bool:
             cut = gm.graph.call_function(node.target, (h, node.args[1], inner))
         cut.meta["val"] = node.target(_val(h), node.args[1], inner)
         for user in list(node.users):
-            with gm.graph.inserting_before(user):
-                part = gm.graph.call_function(operator.getitem, (cut, user.args[1]))
-                lifted = gm.graph.call_function(aten.unsqueeze.default, (part, d))
-            part.meta["val"] = cut.meta["val"][user.args[1]]
-            lifted.meta = dict(user.meta)
-            user.replace_all_uses_with(lifted)
-            gm.graph.erase_node(user)
+            _part_then(gm, cut, user.args[1], user, aten.unsqueeze.default, d)
         gm.graph.erase_node(node)
         gm.graph.erase_node(u)
         changed = True
@@ -322,6 +304,18 @@ def same_value_casts_dropped(gm: torch.fx.GraphModule) -> bool:
         gm.graph.erase_node(node)
         changed = True
     return changed
+
+
+def _part_then(gm: torch.fx.GraphModule, cut: torch.fx.Node, i: int, user: torch.fx.Node, op, *args) -> None:
+    """`user` (which read a part the old way) becomes `op(cut[i], *args)`: part i of the new cut,
+    then the op that leaves it in the shape `user` had."""
+    with gm.graph.inserting_before(user):
+        part = gm.graph.call_function(operator.getitem, (cut, i))
+        new = gm.graph.call_function(op, (part, *args))
+    part.meta["val"] = cut.meta["val"][i]
+    new.meta = dict(user.meta)
+    user.replace_all_uses_with(new)
+    gm.graph.erase_node(user)
 
 
 def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, result: torch.fx.Node, new: torch.fx.Node) -> None:
