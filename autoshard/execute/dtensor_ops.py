@@ -17,7 +17,7 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.tensor.experimental import local_map
 from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 
-from autoshard.graph.grouped import fused_linear_placement, grouped_mm_placement
+from autoshard.graph.grouped import attention_operand, fused_linear_placement, grouped_mm_placement
 from autoshard.ops.layout import canonical_in_order, stride_order
 from autoshard.ops.loss_parallel import vocab_parallel_cross_entropy
 
@@ -150,11 +150,9 @@ class LocalAttention(RuntimeOp):
         if not isinstance(q, DTensor):
             return self._local(q, k, v, attn_mask)
         p = self.placement
-        # an operand of one head (or row) broadcast over q's — multi-query's K/V, a mask — stays
-        # whole; its gradient is then each rank's share, summed later
-        whole = lambda t: (Replicate(),) if p.is_replicate() or t.shape[p.dim] == 1 else (p,)  # noqa: E731
-        mask_p = whole(attn_mask) if isinstance(attn_mask, DTensor) else None
-        ins = ((p,), whole(k), whole(v), mask_p)
+        # a whole operand (a head broadcast over q's) gets each rank's share of its gradient, summed later
+        mask_p = (attention_operand(p, attn_mask.shape),) if isinstance(attn_mask, DTensor) else None
+        ins = ((p,), (attention_operand(p, k.shape),), (attention_operand(p, v.shape),), mask_p)
         fn = local_map(
             self._local, out_placements=((p,),), in_placements=ins,
             in_grad_placements=_grads_of(ins[:3], p) + (None if mask_p is None else _grads_of((mask_p,), p)[0],),

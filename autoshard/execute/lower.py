@@ -42,6 +42,7 @@ from autoshard.execute.lowered_program import LoweredProgram, describe_collectiv
 from autoshard.execute.sym_sizes import SizeEmitter
 from autoshard.schema.errors import PlanError
 from autoshard.graph.capture import Captured
+from autoshard.graph.grouped import attention_operand
 from autoshard.schema.placements import splits
 from autoshard.schema.plan import Plan, parse_placement
 from autoshard.schema.units import chunk_start
@@ -179,10 +180,9 @@ class _Lowering:
             p = self.placement[node]
             q, k, v, mask = (list(node.args) + [None])[:4]
             self._convert(node, q, p)
-            for a in (k, v, mask):  # one head (or row) broadcast over q's (multi-query K/V, a mask): whole
+            for a in (k, v, mask):
                 if isinstance(a, fx.Node):
-                    whole = not p.is_shard() or self._val(a).shape[p.dim] == 1
-                    self._convert(node, a, REPLICATE if whole else p)
+                    self._convert(node, a, attention_operand(p, self._val(a).shape))
         elif isinstance(mod, runtime.LocalMatmul) and self.placement[node] is not None:
             p = self.placement[node]
             vals = [self._val(a) for a in node.args[:2]]

@@ -115,6 +115,12 @@ def only_local_rules_read_parts(operands: dict) -> None:
             raise NotImplementedError(f"{name} is laid out {spec.placements[0]}: only its parts or a local linear read it sharded")
 
 
+def attention_operand(p: Placement, shape) -> Placement:
+    """What a k, v or mask of `shape` holds for attention run on local shards laid out `p`: the
+    same split, or whole where it has one head (or row) broadcast over q's (multi-query K/V)."""
+    return p if p.is_shard() and shape[p.dim] != 1 else REPLICATE
+
+
 def fused_linear_placement(x: Placement, w: Placement, out_ndim: int) -> Placement | None:
     """`linear(x, w)` with a fused weight `_StridedShard(0, sf=k)` (k parts split part by part) and
     a whole input: the output's features laid out the same way, or None if it cannot be."""

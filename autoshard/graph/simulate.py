@@ -38,7 +38,8 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from autoshard.graph.analyse import ATTENTION_OPS, GraphAnalysis, Role, is_grouped_mm
 from autoshard.graph.experts import expert_block_spec, plan_expert_blocks
-from autoshard.graph.grouped import fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part, only_local_rules_read_parts
+from autoshard.graph.grouped import (attention_operand, fused_chunk, fused_linear_spec, grouped_mm_spec, interleaved_part,
+                                     only_local_rules_read_parts)
 from autoshard.graph.state_writes import state_write_spec, written_placeholder
 from autoshard.schema.plan import Plan, placement_str
 
@@ -323,9 +324,7 @@ class PlacementSimulator:
         for i, spec in enumerate(args[:4]):
             if not isinstance(spec, DTensorSpec):
                 continue
-            want = target
-            if i and target.is_shard() and spec.tensor_meta.shape[target.dim] == 1:
-                want = REPLICATE  # k, v or mask broadcast over heads/batch (multi-query's one head) stay whole
+            want = attention_operand(target, spec.tensor_meta.shape) if i else target
             if spec.placements != (want,):
                 self._move(sim, spec, (want,), names[i] or node.name, node.name, planned=False)
         return self._spec(node.meta["val"], target)
