@@ -350,3 +350,19 @@ def test_non_contiguous_linear_input_is_copied_and_no_op_casts_go():
     linear = next(n for n in nodes if n.target is torch.ops.aten.linear.default)
     assert linear.args[0].target is torch.ops.aten.clone.default and linear.args[0].meta["val"].is_contiguous()
     _assert_same_values_and_input_grads(ep, model, x)
+
+
+class ChunkTriangles(nn.Module):
+    """The gated delta rule's per-head chunk attention: `tril`/`triu` of `[b, h, c, c]` scores."""
+
+    def forward(self, x):
+        s = x.transpose(-1, -2) @ x
+        return s.tril(-1) * 2 + s.triu(1) + s.tril()
+
+
+def test_triangles_of_a_batch_of_matrices_become_masked_fills_with_equal_values_and_gradients():
+    gm = _rewritten(ChunkTriangles(), simplify.batched_triangles_as_masks)
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.aten.masked_fill.Scalar) == 3
+    # only the 2-D masks are triangles now
+    assert all(n.meta["val"].ndim == 2 for n in gm.graph.nodes if n.target in (torch.ops.aten.tril.default, torch.ops.aten.triu.default))

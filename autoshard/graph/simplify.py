@@ -10,6 +10,8 @@ import torch
 from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
 from autoshard.graph.head_folds import unfold_batch_heads
 from autoshard.graph.statistics import spreads_as_means
+from autoshard.graph.cut_hoist import cuts_before_channel_ops
+from autoshard.graph.row_folds import unflatten_rows
 from autoshard.graph.linear_forms import (addmm_as_linear, chunk_before_transpose, contiguous_linear_inputs, matmul_as_linear,
                                           heads_picked_as_split, parts_before_unsqueeze, same_value_casts_dropped,
                                           slices_as_split, view_parts_as_chunk)
@@ -31,12 +33,15 @@ def simplify(gm: torch.fx.GraphModule, constants: dict | None = None) -> None:
     changed |= addmm_as_linear(gm)
     changed |= matmul_as_linear(gm)
     changed |= unfold_batch_heads(gm)
+    changed |= unflatten_rows(gm)
     changed |= view_parts_as_chunk(gm)
     changed |= slices_as_split(gm)
     changed |= heads_picked_as_split(gm, constants)
     changed |= parts_before_unsqueeze(gm)
     changed |= chunk_before_transpose(gm)
     changed |= depthwise_conv_as_taps(gm)
+    changed |= cuts_before_channel_ops(gm)
+    changed |= batched_triangles_as_masks(gm)
     changed |= same_value_casts_dropped(gm)
     changed |= contiguous_linear_inputs(gm)
     changed |= spreads_as_means(gm)
@@ -276,6 +281,35 @@ def _out_of_place(node):
         return None
     packet = getattr(aten, name[:-1], None)
     return getattr(packet, node.target._overloadname, None) if packet is not None else None
+
+
+def batched_triangles_as_masks(gm: torch.fx.GraphModule) -> bool:
+    """`tril(x, k)` / `triu(x, k)` of a batch of matrices (the gated delta rule's per-head chunk
+    attention) as `x.masked_fill(mask, 0)` with the 2-D mask of the entries they zero: the same
+    values, but a pointwise op that runs on head shards, where DTensor runs `tril` only whole."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.tril.default, aten.triu.default) or node.kwargs:
+            continue
+        x, k = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not isinstance(xv, torch.Tensor) or xv.ndim < 3 or not isinstance(k, int):
+            continue
+        shape = [d if isinstance(d, int) else d.node.maybe_as_int() for d in xv.shape[-2:]]
+        if None in shape:
+            continue
+        zeroed, at = (aten.triu.default, k + 1) if node.target is aten.tril.default else (aten.tril.default, k - 1)
+        with gm.graph.inserting_before(node):
+            ones = gm.graph.call_function(aten.new_ones.default, (x, shape), {"dtype": torch.bool})
+            mask = gm.graph.call_function(zeroed, (ones, at))
+            new = gm.graph.call_function(aten.masked_fill.Scalar, (x, mask, 0))
+        ones.meta["val"] = xv.new_ones(shape, dtype=torch.bool)
+        mask.meta["val"] = zeroed(ones.meta["val"], at)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
 
 
 def is_view(node: torch.fx.Node) -> bool:

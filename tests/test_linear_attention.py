@@ -1,0 +1,37 @@
+"""Linear-attention mixers sharded by heads, on gloo: Qwen3.5's gated delta net (fused
+`in_proj_qkv` through a depthwise causal conv, the chunked delta rule, a gated RMSNorm over
+`[b * s * h, d]` rows) and Kimi-Linear's (separate q, k, v concatenated for one conv). Exact
+forward, loss and every gradient; each rank holds its heads of every projection."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_fused import _check_exact, _shard_family
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_qwen3_5_gated_delta_net_splits_by_heads_tp2(ranks2, lower):
+    for r in ranks2.run(_shard_family, "qwen3_5_text", lower):
+        _check_exact(r, lower)
+        attn = "model.layers.0.linear_attn"
+        # q | k | v of 2, 2 and 4 heads of 16: each rank its head of q and k, two of v
+        assert r["plan"][f"{attn}.in_proj_qkv.weight"] == "_StridedShard(0, parts=32|32|64)"
+        assert r["local"][f"{attn}.in_proj_qkv.weight"] == (64, 64)
+        for name in ("in_proj_z", "in_proj_b", "in_proj_a"):
+            assert r["plan"][f"{attn}.{name}.weight"] == "Shard(0)"
+        assert r["plan"][f"{attn}.out_proj.weight"] == "Shard(1)"
+        # per-head and per-channel vectors stay whole (a few numbers per head)
+        assert r["plan"][f"{attn}.conv1d.weight"] == "Replicate()" and r["plan"][f"{attn}.A_log"] == "Replicate()"
+        # one row reduce per mixer (gated delta net, then full attention) and per MLP, and the
+        # vocab-parallel embedding's: nothing gathered inside the mixer
+        assert r["planned"] == 5, r["boundaries"]
+
+
+def test_kimi_linear_concatenated_qkv_splits_by_heads_tp2(ranks2):
+    for r in ranks2.run(_shard_family, "kimi_linear", False):
+        _check_exact(r, False)
+        attn = "model.layers.0.self_attn"
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert r["plan"][f"{attn}.{name}.weight"] == "Shard(0)"
+        assert r["plan"][f"{attn}.o_proj.weight"] == "Shard(1)"
