@@ -93,3 +93,25 @@ def test_a_cut_behind_a_conv_that_mixes_channels_stays():
     changed, gm = _rewritten(model, x)
     assert not changed
     assert [c.args[0].target for c in _cuts(gm)] == [aten.transpose.int]
+
+
+class CutPartCutAgain(nn.Module):
+    """Mamba-2's in_proj: cut into z | xBC | dt, xBC through SiLU and cut again into x | B | C."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_proj = nn.Linear(8, 22, bias=False)
+
+    def forward(self, x):
+        z, xbc, dt = self.in_proj(x).split([6, 12, 4], -1)
+        h, b, c = torch.nn.functional.silu(xbc).split([8, 2, 2], -1)
+        return torch.cat([z * h[..., :6], b * c, dt], -1)
+
+
+def test_a_part_cut_again_refines_the_projection_cut():
+    torch.manual_seed(0)
+    model, x = CutPartCutAgain(), torch.randn(2, 5, 8)
+    changed, gm = _rewritten(model, x)
+    assert changed
+    assert [c.args[1:] for c in _cuts(gm)] == [([6, 8, 2, 2, 4], 2)]
+    assert _cuts(gm)[0].args[0].target is aten.linear.default
