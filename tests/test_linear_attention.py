@@ -1,7 +1,9 @@
-"""Linear-attention mixers sharded by heads, on gloo: Qwen3.5's gated delta net (fused
-`in_proj_qkv` through a depthwise causal conv, the chunked delta rule, a gated RMSNorm over
-`[b * s * h, d]` rows) and Kimi-Linear's (separate q, k, v concatenated for one conv). Exact
-forward, loss and every gradient; each rank holds its heads of every projection."""
+"""Linear-attention and state-space mixers sharded by heads, on gloo: Qwen3.5's gated delta net
+(fused `in_proj_qkv` through a depthwise causal conv, the chunked delta rule, a gated RMSNorm
+over `[b * s * h, d]` rows), Kimi-Linear's (separate q, k, v concatenated for one conv) and
+Mamba-2's (one `in_proj` cut into z | x | B | C | dt, the scan's einsums, B and C of one group
+shared by every head). Exact forward, loss and every gradient; each rank holds its heads of
+every projection."""
 
 from __future__ import annotations
 
@@ -35,3 +37,26 @@ def test_kimi_linear_concatenated_qkv_splits_by_heads_tp2(ranks2):
         for name in ("q_proj", "k_proj", "v_proj"):
             assert r["plan"][f"{attn}.{name}.weight"] == "Shard(0)"
         assert r["plan"][f"{attn}.o_proj.weight"] == "Shard(1)"
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_mamba2_mixer_splits_by_heads_with_shared_b_and_c_gathered_tp2(ranks2, lower):
+    for r in ranks2.run(_shard_family, "mamba2", lower, True):
+        _check_exact(r, lower)
+        mixer = "backbone.layers.0.mixer"
+        # z | x | B | C | dt of 128, 128, 8, 8 and 4: each rank its half of every part
+        assert r["plan"][f"{mixer}.in_proj.weight"] == "_StridedShard(0, parts=128|128|8|8|4)"
+        assert r["local"][f"{mixer}.in_proj.weight"] == (138, 64)
+        assert r["plan"][f"{mixer}.out_proj.weight"] == "Shard(1)"
+        # B and C (one group, read by all heads) gathered whole right after the cut, 2 per layer;
+        # the gated norm's mean square over the whole width reduced per token, 1 per layer
+        gathers = [b for b in r["boundaries"] if "gathered" in b]
+        assert len(gathers) == 4, r["boundaries"]
+        assert len(r["stats"]) == 2, r["stats"]
+
+
+def test_nemotron_h_groups_repeated_to_heads_lower_exactly_tp2(ranks2):
+    """Its B and C have one group per rank, repeated to heads with the global `output_size`."""
+    for r in ranks2.run(_shard_family, "nemotron_h", True):
+        _check_exact(r, True)
+        assert r["plan"]["model.layers.0.mixer.out_proj.weight"] == "Shard(1)"

@@ -359,6 +359,11 @@ class _Lowering:
             node.args = (node.args[0], shape, *node.args[2:])
         elif isinstance(out, Shard) and t in SIZE_FACTORIES:
             raise LoweringError(f"{node.name}: {t} of a sharded size")
+        elif isinstance(out, Shard) and t is aten.repeat_interleave.self_int and "output_size" in node.kwargs \
+                and len(node.args) > 2 and isinstance(node.args[2], int) and node.args[2] % self._val(node).ndim == out.dim:
+            # the global size of the repeated dim (Mamba-2's groups repeated to heads): the local
+            # repeat makes the local size
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "output_size"}
 
     def _local_view_shape(self, node, shape, dim):
         """A view's target with the sharded dim `-1` (inferred from the local numel); a `-1`

@@ -202,6 +202,12 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
             cand.loss_nodes.append(name)
         if isinstance(spec, DTensorSpec) and spec.placements[0].is_partial():
             if not (stats and _per_token_statistic(analysis, node, result, sim.mesh.size(), region, set(cand.column_nodes))):
+                # a product over a fused part's features that all heads share (Mamba-2's B and C
+                # of one group): that part gathered whole
+                parts = [_fused_part_behind(analysis, result, a.name, region) for a in node.all_input_nodes] if stats else []
+                part = next((p for p in parts if p is not None and p not in gathered), None)
+                if part is not None:
+                    return _grow(analysis, sim, order, group, stats, gathered | {part})
                 return _illegal(cand, f"{name} ({node.target}) produces a partial sum outside a row linear")
             # an RMSNorm over the sharded width: its mean square, one value per token, is reduced
             # across tp (a planned all-reduce) and the normalisation stays on the shards
@@ -226,6 +232,16 @@ _SHAPE_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch
               torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
 
 
+_CHANNEL_OPS = {torch.ops.aten.repeat_interleave.self_int, torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default,
+                torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A shape op, or one whose first operand's channels each feed their own output (a cast, a
+    pad, a repeat, a pointwise op: a depthwise conv's taps and activation)."""
+    return node.target in _SHAPE_OPS or node.target in _CHANNEL_OPS or torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
 def _fused_part_behind(analysis: GraphAnalysis, sim: Simulation, name: str, region: set[str]) -> str | None:
     """The part of a fused output (a piece of a cut laid out part by part) that `name` is, or is
     reshaped from inside the region, else None: the value to gather when its heads cannot split."""
@@ -234,7 +250,7 @@ def _fused_part_behind(analysis: GraphAnalysis, sim: Simulation, name: str, regi
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].args:
             cut = node.args[0]
             return node.name if fused_chunk(cut, sim.specs.get(cut.args[0].name)) else None
-        if node.target not in _SHAPE_OPS or not isinstance(node.args[0], fx.Node):
+        if not _keeps_channels(node) or not isinstance(node.args[0], fx.Node):
             return None
         node = node.args[0]
     return None
@@ -262,7 +278,8 @@ def _per_token_statistic(analysis: GraphAnalysis, node: fx.Node, sim: Simulation
 
 def _reads_outside_activation(analysis: GraphAnalysis, start: fx.Node, region: set[str], columns: set[str]) -> bool:
     """Does `start` depend, inside the region and short of its column linears, on a value from
-    outside that is itself computed from parameters (an activation, not a rotary table or mask)?"""
+    outside that is itself computed from parameters and inputs (an activation: not a rotary
+    table or mask, nor a function of parameters alone)?"""
     seen, todo = set(), [start]
     while todo:
         x = todo.pop()
@@ -272,9 +289,10 @@ def _reads_outside_activation(analysis: GraphAnalysis, start: fx.Node, region: s
         for a in x.all_input_nodes:
             if a.name in region:
                 todo.append(a)
-            elif analysis.roles[a.name] is not Role.PARAM and any(
-                    analysis.roles[n] is Role.PARAM for n in nx.ancestors(analysis.dag, a.name)):
-                return True
+            elif analysis.roles[a.name] is not Role.PARAM:
+                roles = {analysis.roles[n] for n in nx.ancestors(analysis.dag, a.name)}
+                if Role.PARAM in roles and Role.INPUT in roles:  # not a value of parameters alone (Mamba's A = -exp(A_log))
+                    return True
     return False
 
 

@@ -11,6 +11,7 @@ from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
 from autoshard.graph.head_folds import unfold_batch_heads
 from autoshard.graph.statistics import spreads_as_means
 from autoshard.graph.cut_hoist import cuts_before_channel_ops
+from autoshard.graph.einsum_forms import einsum_as_matmul
 from autoshard.graph.row_folds import unflatten_rows
 from autoshard.graph.linear_forms import (addmm_as_linear, chunk_before_transpose, contiguous_linear_inputs, matmul_as_linear,
                                           heads_picked_as_split, parts_before_unsqueeze, same_value_casts_dropped,
@@ -42,6 +43,7 @@ def simplify(gm: torch.fx.GraphModule, constants: dict | None = None) -> None:
     changed |= depthwise_conv_as_taps(gm)
     changed |= cuts_before_channel_ops(gm)
     changed |= batched_triangles_as_masks(gm)
+    changed |= einsum_as_matmul(gm)
     changed |= same_value_casts_dropped(gm)
     changed |= contiguous_linear_inputs(gm)
     changed |= spreads_as_means(gm)
