@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoshard.graph.head_folds import unfold_batch_heads
+from autoshard.graph.head_folds import unfold_batch_heads, zero_started_baddbmm_as_bmm
 from tests.test_fused import _check_exact, _shard_family
 
 aten = torch.ops.aten
@@ -78,6 +78,35 @@ def test_an_island_a_merged_value_escapes_from_is_left_alone():
     assert changed and ops.count(aten.bmm.default) == 1 and ops.count(aten.matmul.default) == 1
 
 
+class ZeroStartedScores(nn.Module):
+    """GPT-NeoX-Japanese's scores: `baddbmm` onto a fresh `zeros(b * h, s, s)`, folded q and k."""
+
+    def forward(self, q, k):
+        b, h, s, d = q.shape
+        zeros = torch.zeros(b * h, s, s, dtype=q.dtype)
+        scores = torch.baddbmm(zeros, q.reshape(b * h, s, d), k.reshape(b * h, s, d).transpose(1, 2), beta=1.0, alpha=0.5)
+        return torch.softmax(scores.view(b, h, s, s), -1)
+
+
+def test_scores_started_from_zeros_unfold_to_a_four_d_matmul_with_equal_values_and_gradients():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    ep = torch.export.export(ZeroStartedScores(), (q, k), strict=False)
+    assert zero_started_baddbmm_as_bmm(ep.graph_module) and unfold_batch_heads(ep.graph_module)
+    ep.graph_module.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    ops = [n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    assert aten.baddbmm.default not in ops and aten.bmm.default not in ops and aten.zeros.default not in ops
+    assert ops.count(aten.matmul.default) == 1
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out, expect = ep.module()(qa, k), ZeroStartedScores()(qb, k)
+    torch.testing.assert_close(out, expect)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (expect * w).sum().backward()
+    torch.testing.assert_close(qa.grad, qb.grad)
+
+
 # the lowered program on every CI run; the DTensor one (same plan) with the slow tests
 @pytest.mark.parametrize("lower", [pytest.param(False, marks=pytest.mark.slow), True], ids=["dtensor", "lowered"])
 @pytest.mark.parametrize("family", ["xglm", "bloom"])
@@ -91,3 +120,11 @@ def test_folded_attention_families_shard_heads_exactly_tp2(ranks2, family, lower
         # 2 layers x (attention, MLP) row reduces and the vocab-parallel embedding's: all-reduces,
         # or reduce-scatters onto a sequence-parallel stream
         assert r["planned"] + r["expected_comms"].get("reduce_scatter", 0) == 5, r
+
+
+def test_gpt_neox_japanese_zero_started_scores_shard_heads_exactly_tp2(ranks2):
+    """On DTensors: its lowering falls back (a bias added after the reduction, `expand_as`)."""
+    attn = "gpt_neox_japanese.layers.0.attention"
+    for r in ranks2.run(_shard_family, "gpt_neox_japanese", False):
+        _check_exact(r, False)
+        assert r["plan"][f"{attn}.query_key_value.weight"] == "Shard(0)" and r["plan"][f"{attn}.dense.weight"] == "Shard(1)"

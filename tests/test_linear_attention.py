@@ -2,7 +2,8 @@
 (fused `in_proj_qkv` through a depthwise causal conv, the chunked delta rule, a gated RMSNorm
 over `[b * s * h, d]` rows), Kimi-Linear's (separate q, k, v concatenated for one conv) and
 Mamba-2's (one `in_proj` cut into z | x | B | C | dt, the scan's einsums, B and C of one group
-shared by every head). Exact forward, loss and every gradient; each rank holds its heads of
+shared by every head), Mamba-1's (x_proj a row inside the mixer, as in vLLM) and RecurrentGemma's
+RG-LRU. Exact forward, loss and every gradient; each rank holds its heads of
 every projection."""
 
 from __future__ import annotations
@@ -60,3 +61,24 @@ def test_nemotron_h_groups_repeated_to_heads_lower_exactly_tp2(ranks2):
     for r in ranks2.run(_shard_family, "nemotron_h", True):
         _check_exact(r, True)
         assert r["plan"]["model.layers.0.mixer.out_proj.weight"] == "Shard(1)"
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["dtensor", "lowered"])
+def test_mamba_mixer_splits_channels_with_x_proj_as_its_row_tp2(ranks2, lower):
+    for r in ranks2.run(_shard_family, "mamba", lower):
+        _check_exact(r, lower)
+        mixer = "backbone.layers.0.mixer"  # the first layer too: export reads seq_len off in_proj's output
+        assert r["plan"][f"{mixer}.in_proj.weight"] == "_StridedShard(0, sf=2)"  # x | gate, channels split
+        # x_proj contracts the channels into dt | B | C: reduced inside the mixer; dt_proj (rank
+        # to channels, small) whole, its output read by each rank's channels
+        assert r["plan"][f"{mixer}.x_proj.weight"] == "Shard(1)"
+        assert r["plan"][f"{mixer}.dt_proj.weight"] == "Replicate()"
+        assert r["plan"][f"{mixer}.out_proj.weight"] == "Shard(1)"
+
+
+def test_recurrent_gemma_recurrent_block_splits_tp2(ranks2):
+    for r in ranks2.run(_shard_family, "recurrent_gemma", True):
+        _check_exact(r, True)
+        block = "model.layers.0.temporal_block"
+        assert r["plan"][f"{block}.linear_x.weight"] == "Shard(0)"
+        assert r["plan"][f"{block}.linear_out.weight"] == "Shard(1)"

@@ -38,3 +38,10 @@ def test_deepseek_v3_mla_tp4(ranks4):
 def test_minicpm3_mla_tp2(ranks2):
     for r in ranks2.run(_shard_family, "minicpm3", True):
         _check_mla(r, True)
+
+
+def test_deepseek_v32_sparse_attention_keeps_mla_heads_split_tp2(ranks2):
+    """DeepSeek-V3.2's indexer reads `kv_a_proj_with_mqa`'s rope part too: a split kv_a_proj (its
+    shared rope part gathered) with kv_b_proj as its row must not displace the heads split."""
+    for r in ranks2.run(_shard_family, "deepseek_v32", True):
+        _check_mla(r, True)

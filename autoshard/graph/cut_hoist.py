@@ -116,12 +116,15 @@ def _hoist(gm: fx.GraphModule, cut: fx.Node) -> bool:
     sizes, dim = part_sizes(cut)
     x = cut.args[0]
     users = _users(x)
-    if any(not (_is_cut(u) and part_sizes(u) == (sizes, dim)) for u in users):
+    if x.op != "call_function" or any(not (_is_cut(u) and part_sizes(u) == (sizes, dim)) for u in users):
         return False
-    for other in users:  # equal cuts of one value (the taps of a conv) become one
-        if other is not cut:
-            other.replace_all_uses_with(cut)
+    if len(users) > 1:  # equal cuts of one value (the taps of a conv) become one, right after it
+        with gm.graph.inserting_after(x):
+            merged = _split(gm, x, sizes, dim)
+        for other in users:
+            other.replace_all_uses_with(merged)
             gm.graph.erase_node(other)
+        cut = merged
     outer = _part_of_cut(x, dim)
     if outer is not None:  # a part cut again: the outer cut into the finer parts
         _refine(gm, outer, x.args[1], cut)

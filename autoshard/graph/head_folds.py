@@ -76,6 +76,34 @@ def unfold_batch_heads(gm: fx.GraphModule) -> bool:
     return True
 
 
+_ZEROS = (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default)
+
+
+def zero_started_baddbmm_as_bmm(gm: fx.GraphModule) -> bool:
+    """`baddbmm(zeros(b * h, q, k), q, k^T, alpha=a)` (GPT-NeoX-Japanese's scores, started from a
+    fresh zero tensor) as `bmm(q, k^T) * a`: the same values, with no fresh `[b * h, ...]` tensor
+    (no merge of a `[b, h]` value) keeping the island below from its 4-D form."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.baddbmm.default or len(node.args) != 3:
+            continue
+        start = node.args[0]
+        if not (isinstance(start, fx.Node) and start.target in _ZEROS and set(node.kwargs) <= {"beta", "alpha"}):
+            continue
+        alpha = node.kwargs.get("alpha", 1)
+        with gm.graph.inserting_before(node):
+            new = _call(gm.graph, aten.bmm.default, node.args[1:])
+            if alpha != 1:
+                new = _call(gm.graph, aten.mul.Tensor, (new, alpha))
+        new.meta = {**node.meta, "val": new.meta["val"]}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not start.users:
+            gm.graph.erase_node(start)
+        changed = True
+    return changed
+
+
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 

@@ -86,7 +86,10 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
     # Second, a group that failed may shard with a norm over its sharded width reducing its
     # statistic (OLMo-2's q/k norm), unless that would make a row of a linear that is itself a
     # column elsewhere (MLA's q_b_proj: heads split beats a low-rank q_a_proj split with q_b as row)
-    starts = {n for c in candidates if c.legal for n in c.column_nodes}
+    # (a linear that `_join_at_attention` will make a column counts: MLA's kv_b_proj, cut off at
+    # the attention q_b_proj's region shards, is not to become the row of a split kv_a_proj)
+    at = {n for c in candidates if c.legal and c.kind == "column_row" for n in c.nodes if analysis.roles[n] is Role.ATTENTION}
+    starts = {n for c in candidates if c.legal or c.failed_at in at for n in c.column_nodes}
     for group in failed:
         group = [n for n in group if n.name not in rows]
         if not group:  # all of it became rows of a region found in this pass
@@ -213,6 +216,8 @@ def _grow(analysis: GraphAnalysis, sim: PlacementSimulator, order: dict[str, int
             # across tp (a planned all-reduce) and the normalisation stays on the shards
             cand.reduces.append(name)
             sim.step(result, node, params, boundaries={name: REPLICATE}, nodes=region)
+        if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):
+            continue  # a size read off a sharded value: its users read the size, not the shards
         for user in node.users:
             if user.name not in seen and analysis.roles[user.name] is not Role.ASSERT:
                 seen.add(user.name)
@@ -318,11 +323,16 @@ def packed_parts(linear: fx.Node, direct: bool = True) -> tuple[int, ...]:
     while len(node.users) == 1 and next(iter(node.users)).target in _SAME_VALUE_OPS:
         node = next(iter(node.users))
     ndim = node.meta["val"].ndim
-    users = [u for u in node.users if u.target not in ASSERT_OPS]
+    users = [u for u in node.users if u.target not in ASSERT_OPS and not _size_of_other_dim(u, ndim)]
     parts = part_sizes(users[0]) if len(users) == 1 else None
     if parts is None or parts[1] != ndim - 1 or not direct and len(set(parts[0])) > 1:
         return ()
     return parts[0]
+
+
+def _size_of_other_dim(node: fx.Node, ndim: int) -> bool:
+    """`x.shape[d]` for d not the feature dim (Mamba's sequence length, read off in_proj's output)."""
+    return node.target is torch.ops.aten.sym_size.int and node.args[1] % ndim != ndim - 1
 
 
 def _why(c: Candidate, _sim: Simulation) -> str:

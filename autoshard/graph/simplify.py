@@ -7,19 +7,20 @@ import operator
 
 import torch
 
-from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
-from autoshard.graph.head_folds import unfold_batch_heads
-from autoshard.graph.statistics import spreads_as_means
 from autoshard.graph.cut_hoist import cuts_before_channel_ops
+from autoshard.graph.depthwise_conv import depthwise_conv_as_taps
 from autoshard.graph.einsum_forms import einsum_as_matmul
+from autoshard.graph.head_folds import unfold_batch_heads, zero_started_baddbmm_as_bmm
 from autoshard.graph.row_folds import unflatten_rows
+from autoshard.graph.statistics import spreads_as_means
 from autoshard.graph.linear_forms import (addmm_as_linear, chunk_before_transpose, contiguous_linear_inputs, matmul_as_linear,
                                           heads_picked_as_split, parts_before_unsqueeze, same_value_casts_dropped,
                                           slices_as_split, view_parts_as_chunk)
 
 __all__ = ["simplify", "addmm_as_linear", "matmul_as_linear", "view_parts_as_chunk", "chunk_before_transpose",
            "slices_as_split", "heads_picked_as_split", "parts_before_unsqueeze", "unfold_batch_heads", "depthwise_conv_as_taps", "contiguous_linear_inputs", "same_value_casts_dropped",
-           "spreads_as_means"]
+           "spreads_as_means", "cuts_before_channel_ops", "einsum_as_matmul", "zero_started_baddbmm_as_bmm", "unflatten_rows",
+           "batched_triangles_as_masks"]
 
 aten = torch.ops.aten
 
@@ -33,6 +34,7 @@ def simplify(gm: torch.fx.GraphModule, constants: dict | None = None) -> None:
     changed |= out_of_place_updates(gm)
     changed |= addmm_as_linear(gm)
     changed |= matmul_as_linear(gm)
+    changed |= zero_started_baddbmm_as_bmm(gm)
     changed |= unfold_batch_heads(gm)
     changed |= unflatten_rows(gm)
     changed |= view_parts_as_chunk(gm)

@@ -167,8 +167,8 @@ class PlacementSimulator:
         if node.op == "output":
             self._gather_outputs(node, sim, sharded_outputs)
             return None
-        if node.op != "call_function" or role is Role.ASSERT:
-            return None
+        if node.op != "call_function" or role is Role.ASSERT or node.target is aten.sym_size.int:
+            return None  # (a size read moves no data: a DTensor's size is its global one)
         if node.target is operator.getitem:
             src = self._operand(node.args[0], sim, nodes, assumed, params)
             return src[node.args[1]] if isinstance(src, (tuple, list)) else None
