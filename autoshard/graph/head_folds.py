@@ -20,6 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autoshard.graph.fx_nodes import call as _call
 from autoshard.graph.fx_nodes import tensor_value as _val
+from autoshard.graph.islands import folded_islands, same_lead
 
 aten = torch.ops.aten
 
@@ -33,31 +34,15 @@ _FRESH = (aten.matmul.default, aten.add.Tensor, aten.softmax.int, aten._softmax.
 def unfold_batch_heads(gm: fx.GraphModule) -> bool:
     """Rewrite every island of `[b * h, ...]` values onto 4-D `[b, h, ...]` ones (see module doc)."""
     nodes = list(gm.graph.nodes)
-    lead: dict[fx.Node, tuple] = {}  # a value living merged -> its (b, h)
-    parent: dict[fx.Node, fx.Node] = {}
-
-    def root(n):
-        while parent[n] is not n:
-            n = parent[n]
-        return n
-
-    for n in nodes:
-        if _merged_source(n) is not None:
-            lead[n], parent[n] = _lead(n), n
-        elif _has_4d_form(n):
-            ins = [a for a in n.all_input_nodes if _val(a) is not None]
-            if ins and all(a in lead and _same(lead[a], lead[ins[0]]) for a in ins):
-                lead[n], parent[n] = lead[ins[0]], n
-                for a in ins:
-                    parent[root(a)] = n
-    bad = {root(n) for n in lead for u in n.users
-           if u not in lead and not _splits(u, lead[n]) and u.target is not aten._assert_tensor_metadata.default}
-    good = [n for n in nodes if n in lead and root(n) not in bad]
+    good, lead = folded_islands(
+        nodes, lambda n: _lead(n) if _merged_source(n) is not None else None,
+        lambda n: [a for a in n.all_input_nodes if _val(a) is not None] if _has_4d_form(n) else None,
+        lambda n, u, lead: _splits(u, lead) or u.target is aten._assert_tensor_metadata.default)
     if not good:
         return False
-    g, four, done = gm.graph, {}, []
+    g, four, done, members = gm.graph, {}, [], set(good)
     for n in nodes:
-        if n in lead and root(n) not in bad:
+        if n in members:
             with g.inserting_before(n.next):  # new nodes in the order they are made
                 four[n] = _four_d(g, n, four)
         elif n.op == "call_function" and n.target in _RESHAPES and n.args[0] in four:
@@ -104,10 +89,6 @@ def zero_started_baddbmm_as_bmm(gm: fx.GraphModule) -> bool:
     return changed
 
 
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
-
-
 def _merged_source(node: fx.Node):
     """(kind, source) when `node` is a 4-D `[b, h, *rest]` value merged to `[b * h, *rest]`:
     a reshape ("reshape"), or `repeat` of `[h, *rest]` b times on dim 0 ("repeat", BLOOM's ALiBi)."""
@@ -116,7 +97,7 @@ def _merged_source(node: fx.Node):
     out, src = _val(node), _val(node.args[0]) if node.args else None
     if out is None or src is None:
         return None
-    if node.target in _RESHAPES and src.ndim == out.ndim + 1 >= 4 and _same(out.shape[1:], src.shape[2:]) \
+    if node.target in _RESHAPES and src.ndim == out.ndim + 1 >= 4 and same_lead(out.shape[1:], src.shape[2:]) \
             and statically_known_true(out.shape[0] == src.shape[0] * src.shape[1]):
         return "reshape", node.args[0]
     if node.target is aten.repeat.default and src.ndim == out.ndim >= 3 and all(r == 1 for r in node.args[1][1:]):
@@ -127,8 +108,8 @@ def _merged_source(node: fx.Node):
 def _splits(node: fx.Node, lead) -> bool:
     """Does reshape `node` split a merged value back to `[b, h, *rest]`?"""
     out, src = _val(node), _val(node.args[0])
-    return (node.target in _RESHAPES and out is not None and out.ndim == src.ndim + 1 and _same(out.shape[:2], lead)
-            and _same(out.shape[2:], src.shape[1:]))
+    return (node.target in _RESHAPES and out is not None and out.ndim == src.ndim + 1 and same_lead(out.shape[:2], lead)
+            and same_lead(out.shape[2:], src.shape[1:]))
 
 
 def _lead(node: fx.Node):

@@ -21,6 +21,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autoshard.graph.fx_nodes import call as _call
 from autoshard.graph.fx_nodes import tensor_value as _val
+from autoshard.graph.islands import folded_islands
 
 aten = torch.ops.aten
 
@@ -34,26 +35,11 @@ _ASSERTS = (aten._assert_tensor_metadata.default,)
 def unflatten_rows(gm: fx.GraphModule) -> bool:
     """Rewrite every island of `[rows, d]` values onto `[*lead, d]` ones (see module doc)."""
     nodes = list(gm.graph.nodes)
-    lead: dict[fx.Node, tuple] = {}
-    parent: dict[fx.Node, fx.Node] = {}
-
-    def root(n):
-        while parent[n] is not n:
-            n = parent[n]
-        return n
-
-    for n in nodes:
-        src = _merged_source(n)
-        if src is not None:
-            lead[n], parent[n] = _rows_lead(n), n
-        elif _row_op(n):
-            ins = [a for a in n.all_input_nodes if _val(a) is not None and _val(a).ndim == 2 and not _broadcast(a)]
-            if ins and all(a in lead and _same(lead[a], lead[ins[0]]) for a in ins):
-                lead[n], parent[n] = lead[ins[0]], n
-                for a in ins:
-                    parent[root(a)] = n
-    bad = {root(n) for n in lead for u in n.users if u not in lead and u.target not in _RESHAPES + _ASSERTS}
-    good = [n for n in nodes if n in lead and root(n) not in bad]
+    good, lead = folded_islands(
+        nodes, lambda n: _rows_lead(n) if _merged_source(n) is not None else None,
+        lambda n: [a for a in n.all_input_nodes if _val(a) is not None and _val(a).ndim == 2 and not _broadcast(a)]
+        if _row_op(n) else None,
+        lambda n, u, lead: u.target in _RESHAPES + _ASSERTS)
     g, unmerged = gm.graph, {}
     sizes = {str(v.node.expr): n for n in nodes if isinstance(v := n.meta.get("val"), torch.SymInt)}
     for n in good:
@@ -72,10 +58,6 @@ def unflatten_rows(gm: fx.GraphModule) -> bool:
     for n in good[::-1]:
         g.erase_node(n)
     return bool(good)
-
-
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _merged_source(node: fx.Node):
