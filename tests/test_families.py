@@ -67,6 +67,13 @@ def test_family_tp4(ranks4, model_type):
     assert rec["verdict"] == "exact", f"{model_type} tp4: {_describe(rec)}"
 
 
+def test_xlm_mask_broadcast_over_one_head_per_rank_lowers_exactly_tp4(ranks4):
+    """XLM's mask `expand_as` the head-split scores: lowered, it must take the global shape before
+    the slice to heads (it took each rank's local one: ranks 1-3 held no head and hung rank 0)."""
+    rec = _sweep(ranks4, "xlm", True)
+    assert rec["verdict"] == "exact", f"xlm tp4 lowered: {_describe(rec)}"
+
+
 @pytest.fixture
 def sweep_timeout(monkeypatch):
     # one family that hangs a collective must not stall the pool for 300 s (tests.dist reads the

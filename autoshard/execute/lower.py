@@ -359,6 +359,11 @@ class _Lowering:
             node.args = (node.args[0], shape, *node.args[2:])
         elif isinstance(out, Shard) and t in SIZE_FACTORIES:
             raise LoweringError(f"{node.name}: {t} of a sharded size")
+        elif t is aten.expand_as.default and not splits(out or REPLICATE) and splits(self.placement.get(node.args[1]) or REPLICATE):
+            # whole, to the global shape (XLM's mask broadcast over split heads): `other`'s local
+            # shape would make it a shard already, which the slice to shards after it cuts again
+            shape = [self.sizes.size_of(s) for s in self._val(node).shape]
+            self._replace(node, aten.expand.default, (node.args[0], shape))
         elif isinstance(out, Shard) and t is aten.repeat_interleave.self_int and "output_size" in node.kwargs \
                 and len(node.args) > 2 and isinstance(node.args[2], int) and node.args[2] % self._val(node).ndim == out.dim:
             # the global size of the repeated dim (Mamba-2's groups repeated to heads): the local
