@@ -88,7 +88,7 @@ def label(analysis: GraphAnalysis, simulator: PlacementSimulator) -> Labels:
     # column elsewhere (MLA's q_b_proj: heads split beats a low-rank q_a_proj split with q_b as row)
     # (a linear that `_join_at_attention` will make a column counts: MLA's kv_b_proj, cut off at
     # the attention q_b_proj's region shards, is not to become the row of a split kv_a_proj)
-    at = {n for c in candidates if c.legal and c.kind == "column_row" for n in c.nodes if analysis.roles[n] is Role.ATTENTION}
+    at = _attention_regions(analysis, candidates)
     starts = {n for c in candidates if c.legal or c.failed_at in at for n in c.column_nodes}
     for group in failed:
         group = [n for n in group if n.name not in rows]
@@ -121,7 +121,7 @@ def _join_at_attention(analysis, simulator, order, candidates: list[Candidate]) 
     """Linears with different inputs whose outputs meet in one attention (MLA: q from q_b_proj, k
     and v from kv_b_proj, each behind its own low-rank norm) shard as one region: a column group
     whose K/V would be gathered at an attention another region shards is grown together with it."""
-    at = {n: c for c in candidates if c.legal and c.kind == "column_row" for n in c.nodes if analysis.roles[n] is Role.ATTENTION}
+    at = _attention_regions(analysis, candidates)
     for b in [c for c in candidates if not c.legal and c.failed_at in at]:
         a = at[b.failed_at]
         if a not in candidates or set(b.column_nodes) & set(a.column_nodes):
@@ -131,6 +131,11 @@ def _join_at_attention(analysis, simulator, order, candidates: list[Candidate]) 
         if joined.legal:
             candidates[candidates.index(a)] = joined
             at.update({n: joined for n, c in at.items() if c is a})
+
+
+def _attention_regions(analysis: GraphAnalysis, candidates: list[Candidate]) -> dict[str, Candidate]:
+    """Each attention node a legal column-row region shards -> that region."""
+    return {n: c for c in candidates if c.legal and c.kind == "column_row" for n in c.nodes if analysis.roles[n] is Role.ATTENTION}
 
 
 def _label_group(analysis, simulator, order, group: list[fx.Node], stats: bool) -> list[Candidate]:
